@@ -1,0 +1,85 @@
+"""Starting Ray the same way everywhere: locally by default, a cluster when an address is set.
+
+``ray.init()`` on one machine needs a few settings to behave on small boxes (more logical
+CPUs than cores so a read task can run beside actors, a bounded object store); on a cluster
+(``address`` or ``RAY_ADDRESS``, as ``ray job submit`` sets it) none of them apply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from pydantic import Field
+
+from embedforge.config import StrictModel
+from embedforge.errors import ResourceError
+
+log = logging.getLogger(__name__)
+
+# Environment every Ray worker gets: one BLAS/torch thread per CPU a task asked for, quiet tokenizers.
+WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+class RayConfig(StrictModel):
+    """How to reach (or start) Ray."""
+
+    address: str | None = Field(
+        None, description="Cluster address ('auto', 'ray://host:10001'); None: RAY_ADDRESS or a new local Ray"
+    )
+    num_cpus: int | None = Field(
+        None, ge=1, description="Logical CPUs of a new local Ray; default max(4, 2 x cores) so reads run beside actors"
+    )
+    object_store_memory_mb: int = Field(1024, ge=78, description="Object store of a new local Ray, MiB")
+    include_dashboard: bool = Field(True, description="Needed by Ray Train (state API) and the Jobs REST API")
+    temp_dir: str | None = Field(None, description="Ray's temp/session folder for a new local Ray")
+    fail_fast_on_missing_gpus: bool = Field(
+        True, description="Raise at once when a stage asks for GPUs the cluster lacks; turn off on autoscaling clusters"
+    )
+
+
+def init_ray(config: RayConfig | None = None, runtime_env: dict[str, Any] | None = None) -> dict[str, float]:
+    """Connect to or start Ray; return the cluster's resources. Idempotent."""
+    import ray
+
+    config = config or RayConfig()
+    if ray.is_initialized():
+        return ray.cluster_resources()
+    env = {"env_vars": {**WORKER_ENV, **(runtime_env or {}).get("env_vars", {})}}
+    runtime_env = {**(runtime_env or {}), **env}
+    address = config.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        num_cpus = config.num_cpus or max(4, 2 * (os.cpu_count() or 1))
+        log.info("starting a local Ray with %d logical CPUs", num_cpus)
+        ray.init(
+            num_cpus=num_cpus,
+            object_store_memory=config.object_store_memory_mb * 1024 * 1024,
+            include_dashboard=config.include_dashboard,
+            _temp_dir=config.temp_dir,
+            runtime_env=runtime_env,
+        )
+    return ray.cluster_resources()
+
+
+def check_resources(num_cpus: float, num_gpus: float, what: str, fail_fast: bool = True) -> None:
+    """Fail fast (instead of hanging forever) when a request can never be scheduled."""
+    import ray
+
+    total = ray.cluster_resources()
+    if num_gpus > 0 and total.get("GPU", 0) < num_gpus and fail_fast:
+        raise ResourceError(
+            f"{what} asks for num_gpus={num_gpus} but the cluster has {total.get('GPU', 0):g} GPUs; "
+            f"set num_gpus=0 to run on CPU, or set ray.fail_fast_on_missing_gpus=false on an autoscaling GPU cluster"
+        )
+    if num_cpus > total.get("CPU", 0):
+        raise ResourceError(
+            f"{what} asks for num_cpus={num_cpus} but the cluster has {total.get('CPU', 0):g} CPUs; lower num_cpus"
+        )
