@@ -1,0 +1,263 @@
+"""Training objectives: typed configs, the dataset columns each needs, and the loss built from them.
+
+Public API (pure config code imports fast; torch and sentence-transformers load in ``build_loss``)::
+
+    ObjectiveConfig                      # union of the configs below, tagged by `kind`
+    build_loss(objective, model) -> torch.nn.Module
+    required_columns(objective) -> list[str]   # every column the rows need: inputs, then label
+    input_columns(objective) -> list[str]      # text columns, in the order the loss reads them
+    label_column(objective) -> str | None      # the label column (None: no labels)
+    labels_from_batch(objective, batch) -> torch.Tensor | None   # float32 labels for one batch
+    trained_grid(objectives, num_layers=None, dim=None) -> dict | None   # {"layers": [...], "dims": [...]}
+    record_grid(model_dir, objectives, model) -> dict | None       # writes elastic_grid.json
+
+Objectives (``kind``), their columns (in order) and labels:
+
+===============  ==========================================================  ==========================
+kind             input columns                                               label column (float32)
+===============  ==========================================================  ==========================
+``mnrl``         ``anchor, positive`` [+ ``negative`` | ``negative_1..n``]   none
+``cached_mnrl``  same as ``mnrl``                                            none
+``cosent``       ``sentence1, sentence2``                                    ``score`` (B,)
+``angle``        ``sentence1, sentence2``                                    ``score`` (B,)
+``kl_distill``   ``query, candidate_1 .. candidate_k``                       ``teacher_probs`` (B, k)
+``score_distill`` ``sentence1, sentence2``                                   ``teacher_score`` (B,)
+===============  ==========================================================  ==========================
+
+(``mnrl``/``cached_mnrl``: ``num_negatives=0`` -> no negative column, ``1`` -> ``negative`` (the NLI
+triplet schema), ``n>1`` -> ``negative_1..negative_n``. ``kl_distill``/``score_distill`` take the
+label column name from ``teacher_column``; ``kl_distill`` rows are wide: one row per query with its
+``k`` candidates and a list column of ``k`` teacher probabilities, e.g. pivoted from the reward
+stage's per-(query, candidate) ``teacher_prob`` rows.)
+
+Every objective accepts ``matryoshka2d: {layers: [...], dims: [...], ...}`` (2DMSE): the loss is
+summed over transformer depths ``layers`` (number of layers run; the full depth is always trained)
+and Matryoshka truncations ``dims``. With ``cached_mnrl`` this is a GradCache loss whose mini-batch
+pass embeds every sampled depth at once (:mod:`.grid`), which sentence-transformers itself forbids.
+
+How the training loop calls a loss (the sentence-transformers loss protocol)::
+
+    loss_fn = build_loss(objective, model)          # model: SentenceTransformer, or its DDP wrapper
+    features = [model.tokenize(batch[c]) for c in input_columns(objective)]   # (moved to device)
+    loss = loss_fn(features, labels_from_batch(objective, batch))
+    loss.backward()                                  # cached losses re-embed inside this call
+
+``build_loss`` accepts the DDP-wrapped model (``ray.train.torch.prepare_model``): the losses are
+built on the unwrapped SentenceTransformer and then run their forward passes through the wrapper,
+so gradients synchronize. With ``gather_across_workers`` the in-batch negatives of ``mnrl`` and
+``cached_mnrl`` are all-gathered with gradient from every worker (sentence-transformers'
+``gather_across_devices``): the negative pool is the global batch, and the mean over workers of the
+per-worker losses equals the single-process loss over the concatenated batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+
+from pydantic import Field, model_validator
+
+from embedforge.config import StrictModel
+
+if TYPE_CHECKING:
+    import torch
+
+# column names (anchor/positive/negative and sentence1/sentence2/score follow embedforge.schemas)
+ANCHOR, POSITIVE, NEGATIVE = "anchor", "positive", "negative"
+SENTENCE1, SENTENCE2, SCORE = "sentence1", "sentence2", "score"
+QUERY, CANDIDATE = "query", "candidate"
+TEACHER_PROBS, TEACHER_SCORE = "teacher_probs", "teacher_score"
+
+
+class Matryoshka2dConfig(StrictModel):
+    """2D Matryoshka (2DMSE, Li et al. 2024, "2D Matryoshka Sentence Embeddings"): depth x width."""
+
+    layers: list[Annotated[int, Field(ge=1)]] = Field(
+        min_length=1, description="Transformer depths (layers run) trained besides the full depth, e.g. [2, 4]")
+    dims: list[Annotated[int, Field(ge=1)]] = Field(
+        min_length=1, description="Matryoshka truncations (include the full dimension), e.g. [384, 128, 64]")
+    dim_weights: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, description="Loss weight per entry of `dims`; None: all 1")
+    n_layers_per_step: int = Field(
+        1, ge=-1, description="Depths of `layers` sampled per step (besides the full depth); -1 or 0: all")
+    n_dims_per_step: int = Field(-1, ge=-1, description="Dims sampled per step; -1 or 0: all")
+    last_layer_weight: float = Field(1.0, ge=0, description="Weight of the full-depth loss")
+    prior_layers_weight: float = Field(1.0, ge=0, description="Weight of the mean loss over the sampled depths")
+    kl_div_weight: float = Field(1.0, ge=0, description="Weight of KL(full-depth || shallow) self-distillation")
+    kl_temperature: float = Field(0.3, ge=0, description="Temperature of that KL; 0 turns it off")
+
+    @model_validator(mode="after")
+    def _check(self) -> Matryoshka2dConfig:
+        if self.dim_weights is not None and len(self.dim_weights) != len(self.dims):
+            raise ValueError(f"matryoshka2d.dim_weights has {len(self.dim_weights)} entries but dims has "
+                             f"{len(self.dims)}; give one weight per dim or leave it out")
+        if len(set(self.layers)) != len(self.layers) or len(set(self.dims)) != len(self.dims):
+            raise ValueError("matryoshka2d.layers and matryoshka2d.dims must not repeat values")
+        return self
+
+
+class _Objective(StrictModel):
+    matryoshka2d: Matryoshka2dConfig | None = Field(None, description="Wrap the loss in 2D Matryoshka (2DMSE)")
+
+
+class MNRLConfig(_Objective):
+    """In-batch negatives plus hard negatives (MultipleNegativesRankingLoss, InfoNCE)."""
+
+    kind: Literal["mnrl"] = "mnrl"
+    scale: float = Field(20.0, gt=0, description="Similarity scale (1 / temperature)")
+    num_negatives: int = Field(1, ge=0, le=64, description="Hard-negative columns per row (0: pairs only)")
+    gather_across_workers: bool = Field(
+        True, description="All-gather candidates from every worker, so negatives come from the global batch")
+
+
+class CachedMNRLConfig(MNRLConfig):
+    """MNRL with GradCache (CachedMultipleNegativesRankingLoss): batches larger than memory."""
+
+    kind: Literal["cached_mnrl"] = "cached_mnrl"  # type: ignore[assignment]
+    mini_batch_size: int = Field(32, ge=1, description="Rows embedded per forward pass")
+
+
+class CoSENTConfig(_Objective):
+    """Scored pairs, CoSENT (Su 2022): ranking loss over pairs of pairs by cosine similarity."""
+
+    kind: Literal["cosent"] = "cosent"
+    scale: float = Field(20.0, gt=0, description="Similarity scale (1 / temperature)")
+
+
+class AnglEConfig(_Objective):
+    """Scored pairs, AnglE (Li & Li 2023): CoSENT on angle differences in complex space."""
+
+    kind: Literal["angle"] = "angle"
+    scale: float = Field(20.0, gt=0, description="Similarity scale (1 / temperature)")
+
+
+class KLDistillConfig(_Objective):
+    """KL(teacher || softmax(cos_sim(query, candidate_i) / T)) over each query's candidates."""
+
+    kind: Literal["kl_distill"] = "kl_distill"
+    num_candidates: int = Field(ge=2, le=256, description="Candidate columns candidate_1..candidate_k")
+    temperature: float = Field(0.05, gt=0, description="Student temperature T (the loss is scaled by T^2)")
+    teacher_column: str = Field(TEACHER_PROBS, description="List column of k teacher values per row")
+    teacher_format: Literal["probs", "logits"] = Field(
+        "probs", description="probs: a distribution per row (e.g. softmax(r / T) of the reward stage); "
+                             "logits: softmax is applied")
+
+
+class ScoreDistillConfig(_Objective):
+    """Teacher scores (a cross-encoder's, in [0, 1]) as the regression/ranking target of pairs."""
+
+    kind: Literal["score_distill"] = "score_distill"
+    loss: Literal["mse", "cosent"] = Field(
+        "mse", description="mse: (cos_sim - teacher)^2 (CosineSimilarityLoss); cosent: rank pairs by teacher")
+    scale: float = Field(20.0, gt=0, description="CoSENT similarity scale (ignored for mse)")
+    teacher_column: str = Field(TEACHER_SCORE, description="Column with the teacher score")
+
+
+ObjectiveConfig = Annotated[
+    Union[MNRLConfig, CachedMNRLConfig, CoSENTConfig, AnglEConfig, KLDistillConfig, ScoreDistillConfig],
+    Field(discriminator="kind"),
+]
+KINDS = ("mnrl", "cached_mnrl", "cosent", "angle", "kl_distill", "score_distill")
+
+
+def input_columns(objective: Any) -> list[str]:
+    """Text columns the loss embeds, in the order it reads them."""
+    if objective.kind in ("mnrl", "cached_mnrl"):
+        n = objective.num_negatives
+        negs = [] if n == 0 else [NEGATIVE] if n == 1 else [f"{NEGATIVE}_{i}" for i in range(1, n + 1)]
+        return [ANCHOR, POSITIVE, *negs]
+    if objective.kind in ("cosent", "angle", "score_distill"):
+        return [SENTENCE1, SENTENCE2]
+    if objective.kind == "kl_distill":
+        return [QUERY, *[f"{CANDIDATE}_{i}" for i in range(1, objective.num_candidates + 1)]]
+    raise ValueError(f"unknown objective kind {objective.kind!r}; expected one of {KINDS}")
+
+
+def label_column(objective: Any) -> str | None:
+    """The label column (None for objectives without labels)."""
+    if objective.kind in ("cosent", "angle"):
+        return SCORE
+    if objective.kind in ("kl_distill", "score_distill"):
+        return objective.teacher_column
+    return None
+
+
+def required_columns(objective: Any) -> list[str]:
+    """Every column a dataset needs for ``objective``: the inputs in order, then the label."""
+    label = label_column(objective)
+    return input_columns(objective) + ([label] if label else [])
+
+
+def labels_from_batch(objective: Any, batch: Mapping[str, Sequence[Any]]) -> torch.Tensor | None:
+    """float32 labels for a batch of rows (column -> values); None when the objective has none."""
+    import numpy as np
+    import torch
+
+    col = label_column(objective)
+    if col is None:
+        return None
+    values = np.asarray(list(batch[col]) if not hasattr(batch[col], "to_numpy") else batch[col].to_numpy(),
+                        dtype=object)
+    arr = np.asarray([np.asarray(v, dtype=np.float32) for v in values], dtype=np.float32)
+    if objective.kind == "kl_distill" and arr.shape[1:] != (objective.num_candidates,):
+        raise ValueError(f"column {col!r}: expected {objective.num_candidates} teacher values per row "
+                         f"(one per candidate column), got shape {arr.shape}")
+    return torch.from_numpy(arr)
+
+
+def trained_grid(objectives: Iterable[Any], num_layers: int | None = None,
+                 dim: int | None = None) -> dict[str, list[int]] | None:
+    """The (layers, dims) grid the 2DMSE objectives train; None when none uses 2DMSE.
+
+    ``num_layers``/``dim`` (the model's full depth and width) are added when given: the full depth
+    is always trained, and the full width is part of every sensible grid.
+    """
+    layers: set[int] = set()
+    dims: set[int] = set()
+    for objective in objectives:
+        if objective.matryoshka2d is not None:
+            layers.update(objective.matryoshka2d.layers)
+            dims.update(objective.matryoshka2d.dims)
+    if not layers:
+        return None
+    if num_layers is not None:
+        layers = {k for k in layers if k <= num_layers} | {num_layers}
+    if dim is not None:
+        dims = {d for d in dims if d <= dim} | {dim}
+    return {"layers": sorted(layers), "dims": sorted(dims)}
+
+
+def record_grid(model_dir: str | Path, objectives: Iterable[Any], model: Any) -> dict[str, list[int]] | None:
+    """Write the trained grid into a saved model folder (``elastic_grid.json``); return it."""
+    from embedforge.elastic import num_layers, write_grid
+
+    st = unwrap_model(model)
+    grid = trained_grid(objectives, num_layers=num_layers(st), dim=st.get_embedding_dimension())
+    if grid is not None:
+        write_grid(model_dir, grid["layers"], grid["dims"])
+    return grid
+
+
+def unwrap_model(model: Any) -> Any:
+    """The SentenceTransformer inside a DDP / torch.compile wrapper (or the model itself)."""
+    while not hasattr(model, "get_embedding_dimension"):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"expected a SentenceTransformer or a wrapper of one, got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def build_loss(objective: Any, model: Any) -> torch.nn.Module:
+    """The loss module for ``objective`` on ``model`` (a SentenceTransformer or its DDP wrapper)."""
+    from workflows.train.losses.factory import build
+
+    return build(objective, model)
+
+
+__all__ = [
+    "AnglEConfig", "CachedMNRLConfig", "CoSENTConfig", "KLDistillConfig", "MNRLConfig", "Matryoshka2dConfig",
+    "ObjectiveConfig", "ScoreDistillConfig", "build_loss", "input_columns", "label_column", "labels_from_batch",
+    "record_grid", "required_columns", "trained_grid", "unwrap_model",
+]
