@@ -38,7 +38,7 @@ pass embeds every sampled depth at once (:mod:`.grid`), which sentence-transform
 How the training loop calls a loss (the sentence-transformers loss protocol)::
 
     loss_fn = build_loss(objective, model)          # model: SentenceTransformer, or its DDP wrapper
-    features = [model.tokenize(batch[c]) for c in input_columns(objective)]   # (moved to device)
+    features = [model.preprocess(batch[c]) for c in input_columns(objective)]   # (moved to device)
     loss = loss_fn(features, labels_from_batch(objective, batch))
     loss.backward()                                  # cached losses re-embed inside this call
 
