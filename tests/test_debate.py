@@ -1,0 +1,502 @@
+"""CIPHER debate: protocol, answer parsing and voting (pure); CIPHER math and the transformers agent on a
+tiny random Llama (exact hand computations); the Serve app over real HTTP with SmolLM2; the eval job."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workflows.debate import protocol as P
+
+REPO = Path(__file__).resolve().parents[1]
+
+WORDS = ["solve", "math", "problem", "answer", "agent", "solution", "the", "is", "of", "to", "a", "+", "*", "-",
+         "=", "####", "1", "2", "3", "4", "5", "6", "7", "8", "9", "0", "what", "these", "are", "from", "other",
+         "one", "using", "can", "you", "give", "updated", "response", "step", "by", "user", "assistant", "end"]
+SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+def _tokenizer(words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + list(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>", additional_special_tokens=SPECIALS[3:])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def _tiny_llama(folder: Path, words=WORDS, seed: int = 0, embedding_noise: float = 0.0) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _tokenizer(words)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=None)
+    model = LlamaForCausalLM(cfg)
+    if embedding_noise:
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed + 1)
+            model.model.embed_tokens.weight.add_(embedding_noise * torch.randn(model.model.embed_tokens.weight.shape,
+                                                                               generator=g))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-llama")
+    return {
+        "a": _tiny_llama(root / "a", seed=0),
+        # same tokenizer and weights, different embedding matrix: a heterogeneous receiver
+        "b": _tiny_llama(root / "b", seed=0, embedding_noise=0.5),
+        # a different tokenizer (words in another order, one extra)
+        "other": _tiny_llama(root / "other", words=list(reversed(WORDS)) + ["extra"], seed=3),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_agent(tiny_paths):
+    from actors.cipher_agent import CipherAgent, CipherAgentConfig
+
+    return CipherAgent(CipherAgentConfig(model=tiny_paths["a"], torch_threads=1, max_context_tokens=512))
+
+
+# ---------------------------------------------------------------------------------------------- pure
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so 3+4 = 7\n#### 7", "7"),
+    ("#### 1,234", "1234"),
+    ("The answer is 42.", "42"),
+    ("the answer is $1,234", "1234"),
+    ("Final answer: \\boxed{18}", "18"),
+    ("2*3 = 6 and 6+1 = 7", "7"),
+    ("I think it is 12 apples, maybe 15", "15"),
+    ("#### 5 but later The answer is 9", "5"),
+    ("It costs $3.50 in total", "3.5"),
+    ("answer = -4", "-4"),
+    ("#### 42.0", "42"),
+    ("no numbers here", None),
+])
+def test_extract_answer(text, expected):
+    assert P.extract_answer(text) == expected
+
+
+def test_answers_equal_and_normalize():
+    assert P.answers_equal("1234", "1,234")
+    assert P.answers_equal("42.0", "42")
+    assert not P.answers_equal(None, "1")
+    assert not P.answers_equal("41", "42")
+    assert P.normalize_number("$1,234.50") == "1234.5"
+    assert P.normalize_number("abc") is None
+
+
+def test_majority_vote_and_final_answer():
+    assert P.majority_vote(["3", "4", "4"]) == "4"
+    assert P.majority_vote(["3", "4"]) == "3"  # tie: first given
+    assert P.majority_vote([None, None]) is None
+    assert P.majority_vote([None, "5"]) == "5"
+    assert P.final_answer("cipher", [1.0, 0.2], ["9", "7"]) == "7"  # the low-temperature agent
+    assert P.final_answer("natural", [1.0, 0.2, 0.5], ["9", "7", "9"]) == "9"
+    assert P.final_answer("single", [0.2], ["3"]) == "3"
+    with pytest.raises(ValueError, match="one agent"):
+        P.final_answer("single", [0.2, 1.0], ["3", "4"])
+    with pytest.raises(ValueError, match="at least 2 agents"):
+        P.check_debate("cipher", 1, 2)
+    with pytest.raises(ValueError, match="exactly 1 agent"):
+        P.check_debate("single", 2, 1)
+
+
+def test_round_conversations_text_and_vectors():
+    q = "What is 1+2?"
+    first = P.next_round([q], "natural", ["m", "m"], None)
+    assert len(first) == 2 and [t.role for t in first[0][0]] == ["user"]
+    assert q in first[0][0][0].text()
+    replies = [[P.AgentReply("I say #### 3", 4)], [P.AgentReply("I say #### 4", 4)]]
+    second = P.next_round([q], "natural", ["m", "m"], replies)
+    turns = second[0][0]
+    assert [t.role for t in turns] == ["user", "assistant", "user"]
+    assert turns[1].text() == "I say #### 3"  # own previous answer
+    assert "I say #### 4" in turns[2].text() and "I say #### 3" not in turns[2].text()
+    vec = {"m": np.ones((2, 4)), "n": np.zeros((2, 4))}
+    vreplies = [[P.AgentReply("x", 2, vectors=vec)], [P.AgentReply("y", 2, vectors=vec)]]
+    cturns = P.next_round([q], "cipher", ["m", "n"], vreplies)
+    slots = [s for s in cturns[1][0][2].segments if isinstance(s, P.Vectors)]
+    assert len(slots) == 1 and slots[0].sender == 0 and np.all(slots[0].data == 0)  # receiver n's matrix
+    with pytest.raises(TypeError, match="vector segments"):
+        cturns[0][0][2].text()
+
+
+def test_render_segments_places_vectors_inside_template():
+    v1, v2 = P.Vectors(np.ones((3, 4)), 1), P.Vectors(np.zeros((2, 4)), 2)
+    turns = [P.Turn("user", ["Q?"]), P.Turn("assistant", [v1]), P.Turn("user", ["others: ", v2, " update"])]
+
+    def template(messages):
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
+
+    segs = P.render_segments(turns, template)
+    assert segs == ["<user>Q?</user><assistant>", v1, "</assistant><user>others: ", v2, " update</user><assistant>"]
+
+
+# ---------------------------------------------------------------------------------------------- CIPHER math
+
+
+def test_expected_embedding_and_stop_rule_pure():
+    import torch
+
+    from workflows.debate import cipher as C
+
+    torch.manual_seed(0)
+    E = torch.randn(10, 4)
+    logits = torch.randn(3, 10)
+    for T in (0.5, 1.0, 2.0):
+        hand = torch.stack([sum(math.exp(logits[b, v] / T) * E[v] for v in range(10)) /
+                            sum(math.exp(logits[b, v] / T) for v in range(10)) for b in range(3)])
+        assert torch.allclose(C.expected_embedding(logits, E, T), hand, atol=1e-5)
+    assert torch.equal(C.expected_embedding(logits, E, 0.0), E[logits.argmax(-1)])  # T=0: greedy
+    forced = torch.zeros(2, 10)
+    forced[0, 7] = 50.0   # EOS dominates -> the expected embedding is E[7] -> nearest is EOS -> stop
+    forced[1, 3] = 50.0
+    step = C.cipher_step(forced, E, 1.0, eos_ids=[7])
+    assert step["token"].tolist() == [7, 3] and step["stop"].tolist() == [True, False]
+    with pytest.raises(ValueError, match="do not share a vocabulary"):
+        C.expected_embedding(logits, torch.randn(11, 4), 1.0)
+
+
+def test_agent_step_equals_hand_computation(tiny_agent):
+    """The agent's first two emitted vectors equal softmax(logits/T) @ E computed by full forward passes."""
+    import torch
+
+    agent, T = tiny_agent, 0.7
+    prompt = ["solve the math problem what is 1 + 2"]
+    out = agent.generate([prompt], temperature=T, max_tokens=2)[0]
+    ids = agent.tokenizer(prompt[0], add_special_tokens=False)["input_ids"]
+    E = agent.model.get_input_embeddings().weight.detach()
+    with torch.no_grad():
+        logits = agent.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        e1 = torch.softmax(logits / T, -1) @ E
+        # step 2 without any cache: the prompt embeddings followed by e1
+        x = torch.cat([E[torch.tensor(ids)], e1[None]])[None]
+        e2 = torch.softmax(agent.model(inputs_embeds=x).logits[0, -1] / T, -1) @ E
+    got = torch.as_tensor(out["embeddings"])
+    assert got.shape == (2, 16) and not out["stopped"]
+    assert torch.allclose(got[0], e1, atol=1e-5) and torch.allclose(got[1], e2, atol=1e-5)
+    assert out["tokens"][0] == int(torch.nn.functional.cosine_similarity(E, e1[None]).argmax())
+
+
+def test_batched_left_padding_matches_single(tiny_agent):
+    short, long = ["what is 1 + 2"], ["solve the math problem of the agent what is 3 * 4 + 5"]
+    both = tiny_agent.generate([short, long], temperature=0.5, max_tokens=4)
+    alone = [tiny_agent.generate([p], temperature=0.5, max_tokens=4)[0] for p in (short, long)]
+    for b, a in zip(both, alone):
+        assert b["tokens"] == a["tokens"]
+        np.testing.assert_allclose(b["embeddings"], a["embeddings"], atol=1e-4)
+
+
+def test_agent_eos_stop_rule(tiny_agent):
+    """Force the logits: EOS dominant -> stops at once; another token dominant -> runs to max_tokens."""
+    import torch
+
+    agent = tiny_agent
+    head = agent.model.lm_head
+    try:
+        for token, expect_len in ((2, 0), (10, 5)):
+            forced = torch.nn.Linear(16, head.out_features, bias=True)
+            with torch.no_grad():
+                forced.weight.zero_()
+                forced.bias.zero_()
+                forced.bias[token] = 60.0
+            agent.model.lm_head = forced
+            out = agent.generate([["what is 1 + 2"]], temperature=1.0, max_tokens=5)[0]
+            assert len(out["tokens"]) == expect_len and out["stopped"] == (token == 2)
+            if expect_len:
+                assert out["tokens"] == [10] * 5
+                np.testing.assert_allclose(out["embeddings"][0], agent.embedding_matrix[10].numpy(), atol=1e-4)
+    finally:
+        agent.model.lm_head = head
+
+
+def test_splicing_puts_vectors_where_the_prompt_says(tiny_agent):
+    import torch
+
+    agent = tiny_agent
+    E = agent.embedding_matrix
+    v = P.Vectors(np.full((3, 16), 7.0, dtype=np.float32), sender=1)
+    w = P.Vectors(np.full((2, 16), -3.0, dtype=np.float32), sender=2)
+    turns = [P.Turn("user", ["what is 1 + 2"]), P.Turn("assistant", [w]),
+             P.Turn("user", [P.OTHERS_INTRO, P.ONE_SOLUTION, v, P.UPDATE_PROMPT])]
+    segments = P.render_segments(turns, agent._apply_template)
+    embeds, n_text = agent.assemble(segments)
+    # expected layout: token ids of each text piece, with the vector rows in between
+    rows, kinds = [], []
+    for s in segments:
+        if isinstance(s, P.Vectors):
+            rows.append(torch.as_tensor(s.data))
+            kinds += [f"v{s.sender}"] * len(s)
+        else:
+            ids = agent.tokenizer(s, add_special_tokens=False)["input_ids"]
+            rows.append(E[torch.tensor(ids)])
+            kinds += ["t"] * len(ids)
+    assert torch.equal(embeds, torch.cat(rows))
+    pos_w = [i for i, k in enumerate(kinds) if k == "v2"]
+    pos_v = [i for i, k in enumerate(kinds) if k == "v1"]
+    assert len(pos_w) == 2 and len(pos_v) == 3 and pos_w[-1] < pos_v[0]
+    assert torch.all(embeds[pos_v] == 7.0) and torch.all(embeds[pos_w] == -3.0)
+    # the slot for the others' solution follows "One agent solution:" and precedes the update prompt
+    im_start = agent.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert n_text == kinds.count("t") and embeds.shape[0] == n_text + 5
+    # left padding in a batch keeps the vectors at the same offsets from the end
+    padded, mask, pos = agent.left_pad([embeds, embeds[:4]])
+    offset = padded.shape[1] - embeds.shape[0]
+    assert offset == 0 and torch.all(padded[0, pos_v] == 7.0)
+    assert mask[1].sum() == 4 and torch.equal(padded[1, -4:], embeds[:4]) and pos[1, -1] == 3
+    assert torch.equal(embeds[0], E[im_start])
+
+
+def test_receiver_matrix_rule(tiny_paths, tiny_agent):
+    """Sender a, receiver b (same tokenizer, other embeddings): b's message = softmax(logits_a/T) @ E_b."""
+    import torch
+
+    from actors.cipher_agent import read_embedding_matrix
+
+    agent, T = tiny_agent, 0.9
+    Ea, Eb = agent.embedding_matrix, read_embedding_matrix(tiny_paths["b"])
+    assert not torch.allclose(Ea, Eb)
+    prompt = ["what is 1 + 2"]
+    out = agent.generate([prompt], T, 3, {"a": agent.receiver_matrix(tiny_paths["a"]),
+                                          "b": agent.receiver_matrix(tiny_paths["b"])})[0]
+    ids = agent.tokenizer(prompt[0], add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        probs = torch.softmax(agent.model(input_ids=torch.tensor([ids])).logits[0, -1] / T, -1)
+    n = out["embeddings"].shape[0]
+    assert n >= 1
+    np.testing.assert_allclose(out["messages"]["b"][0], (probs @ Eb).numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["messages"]["a"], out["embeddings"], atol=1e-6)  # own matrix: what was fed back
+    assert not np.allclose(out["messages"]["b"], out["messages"]["a"])
+
+
+def test_tokenizer_mismatch_is_a_clear_error(tiny_paths, tiny_agent):
+    from workflows.debate.cipher import TokenizerMismatchError
+
+    with pytest.raises(TokenizerMismatchError, match="must share a tokenizer"):
+        tiny_agent.receiver_matrix(tiny_paths["other"])
+
+
+def test_cipher_debate_on_tiny_models(tiny_paths, tiny_agent):
+    """Two heterogeneous agents (a, b), two rounds, in process: vectors flow in the receiver's space."""
+    from actors.cipher_agent import CipherAgent, CipherAgentConfig
+
+    agent_b = CipherAgent(CipherAgentConfig(model=tiny_paths["b"], torch_threads=1, max_context_tokens=512))
+    agents, models = [tiny_agent, agent_b], ["a", "b"]
+    receivers = {"a": tiny_paths["a"], "b": tiny_paths["b"]}
+    previous = None
+    for r in range(2):
+        convs = P.next_round(["what is 1 + 2 * 3"], "cipher", models, previous)
+        previous = [ag.respond(c, t, 3, receivers) for ag, c, t in zip(agents, convs, (0.1, 1.0))]
+        for reply in (p[0] for p in previous):
+            assert set(reply.vectors) == {"a", "b"} and reply.vectors["a"].shape[0] == reply.completion_tokens
+    slots = [s for s in convs[1][0][2].segments if isinstance(s, P.Vectors)]
+    assert slots and slots[0].sender == 0
+
+
+# ---------------------------------------------------------------------------------------------- Serve over HTTP
+
+API_KEY = "debate-test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def debate_url(ray_local, smollm_path, tmp_path_factory):
+    from ray import serve
+
+    from embedforge.config import build_config
+    from workflows.debate.app import build_debate_app
+    from workflows.debate.config import DebateConfig
+    from workflows.serve.run import wait_healthy
+
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text(f"# test keys\n{API_KEY}\n")
+    port = _free_port()
+    config = build_config(DebateConfig, {
+        "models": {"smollm": smollm_path},
+        "defaults": {"rounds": 2, "max_tokens": 24, "temperatures": [0.2, 1.0]},
+        "limits": {"max_body_bytes": 4096, "max_tokens": 64, "request_timeout_s": 300},
+        "engine": {"max_model_len": 2048, "kv_cache_gb": 1},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        "agent_deployment": {"num_cpus": 1, "torch_threads": 1},
+        "auth": {"mode": "api_keys", "api_keys_env": None, "api_keys_file": str(keys)},
+        "http": {"host": "127.0.0.1", "port": port},
+    })
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_debate_app(config), name="debate-test", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, 300)
+        yield url
+    finally:
+        serve.shutdown()
+
+
+def _post(url, body, key=API_KEY, timeout=300):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{url}/v1/debate", json=body, headers=headers, timeout=timeout)
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("mode", ["cipher", "natural"])
+def test_two_agent_two_round_debate_over_http(debate_url, mode):
+    body = {"question": "What is the result of 3+4*2+5-1*6?", "mode": mode,
+            "agents": [{"model": "smollm", "temperature": 0.2}, {"model": "smollm", "temperature": 1.0}],
+            "rounds": 2, "max_tokens": 24}
+    r = _post(debate_url, body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["mode"] == mode and len(out["rounds"]) == 2
+    for rnd in out["rounds"]:
+        assert [m["agent"] for m in rnd["messages"]] == [0, 1]
+        for m in rnd["messages"]:
+            assert isinstance(m["text"], str) and 0 <= m["completion_tokens"] <= 24
+            assert m["answer"] == P.extract_answer(m["text"])
+    assert any(m["text"].strip() for rnd in out["rounds"] for m in rnd["messages"])
+    # round 2 prompts carry the others' messages: longer than round 1 prompts
+    assert out["rounds"][1]["messages"][0]["prompt_tokens"] > out["rounds"][0]["messages"][0]["prompt_tokens"]
+    last = [m["answer"] for m in out["rounds"][-1]["messages"]]
+    expected = last[0] if mode == "cipher" else P.majority_vote(last)
+    assert out["final_answer"] == expected
+    assert out["usage"]["completion_tokens"] == sum(m["completion_tokens"] for rnd in out["rounds"]
+                                                    for m in rnd["messages"])
+    assert len(out["timings"]["rounds_s"]) == 2 and out["timings"]["total_s"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_single_agent_over_http(debate_url):
+    r = _post(debate_url, {"question": "What is 2+2?", "mode": "single", "max_tokens": 16})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["rounds"]) == 1 and len(out["rounds"][0]["messages"]) == 1
+    assert out["agents"] == [{"model": "smollm", "temperature": 0.2}]
+
+
+@pytest.mark.timeout(300)
+def test_bad_requests_get_4xx(debate_url):
+    good = {"question": "What is 2+2?", "mode": "cipher", "rounds": 1, "max_tokens": 4}
+    assert _post(debate_url, good, key=None).status_code == 401
+    assert _post(debate_url, good, key="wrong-key").status_code == 401
+    cases = [
+        ({**good, "mode": "telepathy"}, 422, "mode"),
+        ({**good, "question": ""}, 422, "question"),
+        ({k: v for k, v in good.items() if k != "question"}, 422, "question"),
+        ({**good, "agents": [{"model": "smollm", "temperature": -1}]}, 422, "temperature"),
+        ({**good, "unknown": 1}, 422, "unknown"),
+        ({**good, "max_tokens": 1000}, 400, "max_tokens"),
+        ({**good, "agents": [{"model": "smollm", "temperature": 0.2}]}, 400, "at least 2 agents"),
+        ({**good, "mode": "single", "agents": [{"temperature": 0.2}, {"temperature": 1.0}]}, 400, "exactly 1 agent"),
+        ({**good, "agents": [{"model": "nope", "temperature": 0.2}, {"temperature": 1.0}]}, 404, "nope"),
+    ]
+    for body, status, needle in cases:
+        r = _post(debate_url, body)
+        assert r.status_code == status, (body, r.text)
+        assert needle in r.text, r.text
+    big = {**good, "question": "x" * 5000}
+    r = _post(debate_url, big)
+    assert r.status_code == 413 and "body_too_large" in r.text
+
+
+# ---------------------------------------------------------------------------------------------- eval + configs
+
+
+def test_configs_validate_and_bad_config_exits_2():
+    from embedforge.config import load_config
+    from jobs.debate import main as debate_main
+    from jobs.debate_eval import main as eval_main
+    from workflows.debate.config import DebateConfig, DebateEvalConfig
+
+    assert load_config(DebateConfig, REPO / "configs" / "debate.yaml").defaults.rounds == 3
+    assert load_config(DebateEvalConfig, REPO / "configs" / "debate_eval.yaml").data.gsm8k_limit == 20
+    assert eval_main(["--config", str(REPO / "configs" / "debate_eval.yaml"), "--set", "temperatures=[0.2]"]) == 2
+    assert debate_main(["--config", str(REPO / "configs" / "debate.yaml"), "--set", "limits.max_rounds=2"]) == 2
+    assert eval_main(["--config", str(REPO / "configs" / "debate_eval.yaml"), "--dry-run"]) == 0
+
+
+def test_arithmetic_wilson_summary_and_plot(tmp_path):
+    from workflows.debate import evaluate as E
+
+    a, b = E.arithmetic_problems(5, seed=7), E.arithmetic_problems(5, seed=7)
+    assert a == b and a != E.arithmetic_problems(5, seed=8)
+    nums = [int(x) for x in re.findall(r"\d+", a[0]["question"])]
+    assert int(a[0]["gold"]) == nums[0] + nums[1] * nums[2] + nums[3] - nums[4] * nums[5]
+    low, high = E.wilson_interval(7, 20)
+    assert 0.15 < low < 0.35 < high < 0.6  # Wilson 95% for 7/20: [0.181, 0.567]
+    assert abs(low - 0.1812) < 1e-3 and abs(high - 0.5671) < 1e-3
+    recs = [{"dataset": "arithmetic", "mode": m, "correct": c, "completion_tokens": 10, "prompt_tokens": 50,
+             "seconds": 0.5} for m, c in [("cipher", True), ("cipher", False), ("natural", True), ("natural", True)]]
+    rows = E.summarize(recs)
+    by = {(r["dataset"], r["mode"]): r for r in rows}
+    assert by[("arithmetic", "cipher")]["accuracy"] == 0.5 and by[("all", "natural")]["correct"] == 2
+    assert "| arithmetic | cipher | 2 | 0.500 |" in E.markdown_table(rows)
+    E.plot_accuracy(rows, str(tmp_path / "a.png"))
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gsm8k_problems_have_numeric_gold():
+    from workflows.debate.evaluate import gsm8k_problems
+
+    probs = gsm8k_problems(3)
+    assert len(probs) == 3 and all(P.normalize_number(p["gold"]) is not None for p in probs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_debate_eval_job_end_to_end(ray_local, smollm_path, tmp_path):
+    from embedforge import storage
+    from jobs.debate_eval import main
+
+    out = tmp_path / "eval"
+    rc = main(["--config", str(REPO / "configs" / "debate_eval.yaml"), "--set", f"model={smollm_path}",
+               "--set", "data.gsm8k_limit=2", "--set", "data.arithmetic_count=2", "--set", "rounds=2",
+               "--set", "max_tokens=12", "--set", f"output={out}", "--set", "engine.max_model_len=2048"])
+    assert rc == 0
+    manifest = storage.read_manifest(str(out))
+    assert manifest["rows"] == 12
+    summary = json.loads((out / "summary.json").read_text())
+    assert {r["mode"] for r in summary["table"]} == {"cipher", "natural", "single"}
+    assert summary["cipher_over_natural_wall_time"] > 0
+    assert (out / "accuracy.png").exists() and "| gsm8k | cipher |" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gemma_tokenizer_mismatch_with_smollm(smollm_path):
+    from transformers import AutoTokenizer
+
+    from embedforge.models import resolve_model
+    from workflows.debate.cipher import TokenizerMismatchError, check_same_tokenizer
+
+    gemma = resolve_model("gemma-3-270m")
+    with pytest.raises(TokenizerMismatchError, match="must share a tokenizer"):
+        check_same_tokenizer(AutoTokenizer.from_pretrained(smollm_path), AutoTokenizer.from_pretrained(gemma),
+                             "smollm2", "gemma")
