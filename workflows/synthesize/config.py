@@ -1,0 +1,126 @@
+"""``SynthesizeConfig``: which training data to translate, into which languages, with which model and filters."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from embedforge.config import StrictModel
+from embedforge.data import DatasetSpec, forbid_test_split
+from embedforge.errors import ConfigError
+from embedforge.runtime import RayConfig
+
+TRANSLATABLE_KINDS = ("scored_pairs", "nli_triplets")
+
+
+class FewShotExample(StrictModel):
+    """One English sentence and its reference translation, shown to base models before the input."""
+
+    source: str = Field(min_length=1, description="English sentence (from training data, never test)")
+    target: str = Field(min_length=1, description="Its translation into the target language")
+
+
+class TranslationConfig(StrictModel):
+    """The translation engine, prompting and decoding; ``concurrency/batch_size/num_gpus`` scale it out."""
+
+    model: str = Field("gemma-3-270m", description="Packaged short name, local folder, s3:// folder or hub id")
+    prompt_style: Literal["auto", "chat", "few_shot"] = Field(
+        "auto", description="chat: the model's chat template (instruct models); few_shot: two-example "
+                            "completion prompt (base models); auto: chat when the tokenizer has a chat template")
+    few_shot: dict[str, list[FewShotExample]] = Field(
+        default_factory=dict, description="Per target language, few-shot examples replacing the built-in ones "
+                                          "(needed for languages without built-in examples)")
+    backend: Literal["engine", "ray_data_llm"] = Field(
+        "engine", description="engine: map_batches over actors.translator.Translator (vLLM in the actor); "
+                              "ray_data_llm: ray.data.llm.build_processor with vLLMEngineProcessorConfig")
+    max_tokens_factor: float = Field(2.0, gt=0, description="max_tokens = ceil(factor x source tokens) + floor")
+    max_tokens_floor: int = Field(16, ge=1, description="Tokens added to every max_tokens (short sentences, punctuation)")
+    max_model_len: int = Field(1024, ge=64, description="vLLM context length (prompt + generation)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="vLLM dtype")
+    kv_cache_gb: float = Field(1.0, gt=0, description="CPU KV cache per replica, GiB")
+    enforce_eager: bool = Field(True, description="Skip torch.compile / CUDA graphs (fast start; right on CPU)")
+    concurrency: int = Field(1, ge=1, description="Engine replicas (Ray actors), one model copy each")
+    batch_size: int = Field(64, ge=1, description="Sentences per engine call")
+    num_cpus: float = Field(1, ge=0, description="CPUs per engine replica")
+    num_gpus: float = Field(0, ge=0, description="GPUs per engine replica (0 on CPU machines)")
+
+
+class QEConfig(StrictModel):
+    """Quality-estimation thresholds; a sentence failing any enabled check is rejected with that reason."""
+
+    min_length_ratio: float = Field(0.5, gt=0, description="Smallest len(translation)/len(source), characters")
+    max_length_ratio: float = Field(2.0, gt=0, description="Largest len(translation)/len(source), characters")
+    max_copy_similarity: float = Field(
+        0.9, gt=0, le=1, description="Reject as 'copy' when the normalized translation is at least this "
+                                     "similar to the source (difflib ratio)")
+    min_lang_prob: float = Field(0.5, ge=0, le=1, description="Smallest py3langid probability of the target language")
+    langid_candidates: list[str] | None = Field(
+        None, description="Restrict language identification to these ISO codes; None: all 97 languages")
+    max_repeated_ngram: int = Field(3, ge=2, description="Reject as 'runaway' when a word 3-gram occurs this often")
+    cosine: bool = Field(True, description="Run the cross-lingual cosine check (needs the encoder)")
+    min_cosine: float = Field(0.8, ge=-1, le=1, description="Smallest cosine(source, translation) with the encoder")
+    encoder: str = Field("multilingual-e5-small", description="Multilingual sentence encoder for the cosine check")
+    encoder_prompt: str = Field("query: ", description="Text prefix of the encoder (e5 expects 'query: ')")
+    encoder_batch_size: int = Field(64, ge=1, description="Sentences per encoder batch")
+    encoder_concurrency: int = Field(1, ge=1, description="Encoder replicas")
+    encoder_num_gpus: float = Field(0, ge=0, description="GPUs per encoder replica")
+
+    @model_validator(mode="after")
+    def _check_ratio(self) -> QEConfig:
+        if self.min_length_ratio >= self.max_length_ratio:
+            raise ValueError(f"min_length_ratio ({self.min_length_ratio}) must be below max_length_ratio "
+                             f"({self.max_length_ratio})")
+        return self
+
+
+class SynthesizeConfig(StrictModel):
+    """Translate English NLI triplets and STS pairs into target languages, filter them, write shards."""
+
+    inputs: list[DatasetSpec] = Field(
+        min_length=1, description="Training datasets (scored_pairs or nli_triplets; no test splits)")
+    target_langs: list[str] = Field(min_length=1, description="ISO 639-1 codes to translate into, e.g. [de, fr]")
+    source_lang: str = Field("en", description="Language of the input sentences")
+    translation: TranslationConfig = TranslationConfig()
+    qe: QEConfig = QEConfig()
+    shard_rows: int = Field(256, ge=1, description="Input rows per output shard (a shard = row range x language)")
+    max_bad_fraction: float = Field(
+        0.05, ge=0, le=1, description="Fail when more than this share of input rows is malformed")
+    max_rejected_fraction: float = Field(
+        1.0, ge=0, le=1, description="Fail when more than this share of rows of a language is quarantined")
+    output: str = Field(description="Output prefix (local path or s3://bucket/prefix)")
+    ray: RayConfig = RayConfig()
+
+    @field_validator("inputs")
+    @classmethod
+    def _training_only(cls, inputs: list[DatasetSpec]) -> list[DatasetSpec]:
+        for i, spec in enumerate(inputs):
+            if spec.resolved_kind not in TRANSLATABLE_KINDS:
+                raise ValueError(f"inputs[{i}] ({spec.source}) is kind {spec.resolved_kind!r}; "
+                                 f"translate one of {', '.join(TRANSLATABLE_KINDS)}")
+            try:
+                forbid_test_split(spec, f"synthesizing training data (inputs[{i}])")
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        return inputs
+
+    @field_validator("target_langs")
+    @classmethod
+    def _langs(cls, langs: list[str]) -> list[str]:
+        bad = [x for x in langs if not (len(x) == 2 and x.isalpha() and x.islower())]
+        if bad:
+            raise ValueError(f"target_langs {bad}: use lower-case ISO 639-1 codes such as de, es, fr")
+        if len(set(langs)) != len(langs):
+            raise ValueError(f"target_langs {langs} has duplicates")
+        return langs
+
+    def content_hash(self) -> str:
+        """Hash of what determines the output rows (not how many replicas produce them)."""
+        scale = {"concurrency", "batch_size", "num_cpus", "num_gpus", "backend"}
+        qe_scale = {"encoder_batch_size", "encoder_concurrency", "encoder_num_gpus"}
+        body = self.model_copy(update={
+            "ray": RayConfig(), "output": "",
+            "translation": self.translation.model_copy(update={k: None for k in scale}),
+            "qe": self.qe.model_copy(update={k: None for k in qe_scale}),
+        })
+        return body.config_hash()

@@ -1,0 +1,254 @@
+"""The synthesize pipeline: translate training pairs/triplets with vLLM on Ray Data, filter, shard, commit.
+
+Flow (``run_synthesize``)::
+
+    load inputs (driver, polars) -> plan shards (row range x language) -> skip committed shards
+    -> unique (sentence, language) of the missing shards -> Ray Data:
+       PromptStage -> translation (vLLM) -> CosineStage (multilingual-e5-small) -> qe_batch
+    -> join back to rows per shard -> ShardedWriter (data + quarantine, then the shard marker)
+    -> report -> manifest (counts per language, rows_in == kept + quarantined checked)
+
+**Translation backend.** Two interchangeable stages produce the same columns:
+
+* ``engine`` (default): ``map_batches(actors.translator.Translator, compute=ActorPoolStrategy)``,
+  vLLM's ``LLM`` in the actor process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), per-row
+  ``max_tokens``. On this CPU-only setup it is the faster and lighter of the two: one process
+  per replica instead of an engine core process beside each actor, and the model folder is
+  resolved inside the worker (packaged names and ``s3://`` folders work on any node).
+* ``ray_data_llm``: ``ray.data.llm.build_processor`` with ``vLLMEngineProcessorConfig`` (chat
+  template, tokenize and detokenize stages off: prompts are built by ``PromptStage``), CPU via
+  ``accelerator_type=None`` and a ``{"CPU": 1}`` placement group. The model path is resolved on
+  the driver, so on a multi-node cluster it must be a hub id or a path every node has.
+
+``benchmarks/synthesize.py`` measures both against raw ``vllm.LLM.generate``.
+
+**Model honesty.** SmolLM2-135M-Instruct cannot translate: it answers in English or repeats the
+source, and the QE filters reject nearly everything. Tests use it only because it is small: they
+check the plumbing (sharding, resume, quarantine, S3), not translation quality. Gemma-3-270M
+(base, two-example few-shot) is the default and the smallest model here that translates into
+German and French; see the benchmark for its chrF.
+
+**Resume.** Every shard is committed by its marker after its Parquet files; a rerun with the
+same config redoes only the shards without a marker, and the manifest is written last. A
+different config (``content_hash``) writing into the same output is refused.
+
+**Batching choice.** All missing shards are translated in one Ray Data pass (one engine start,
+full batches), then written shard by shard; a run killed during translation redoes the
+translation of every shard that has no marker yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+from embedforge import schemas as S
+from embedforge import storage
+from embedforge.errors import ConfigError, InputError
+from embedforge.runtime import check_resources, init_ray
+from workflows.synthesize import prompts as P
+from workflows.synthesize import rows as R
+from workflows.synthesize.config import SynthesizeConfig
+from workflows.synthesize.report import build_report
+from workflows.synthesize.stages import CosineStage, PromptStage, qe_batch
+
+log = logging.getLogger(__name__)
+
+DATA, QUARANTINE = "data", "quarantine"
+
+
+def translator_config(config: SynthesizeConfig) -> dict[str, Any]:
+    t = config.translation
+    engine = {"model": t.model, "dtype": t.dtype, "max_model_len": t.max_model_len, "enforce_eager": t.enforce_eager,
+              "kv_cache_gb": t.kv_cache_gb, "num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
+    return {"engine": engine, "stop": ["\n"]}
+
+
+def _translate_engine(ds, config: SynthesizeConfig):
+    import ray.data
+
+    from actors.translator import Translator
+
+    t = config.translation
+    return ds.map_batches(
+        Translator, fn_constructor_kwargs={"config": translator_config(config)}, batch_size=t.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=t.concurrency), num_cpus=t.num_cpus, num_gpus=t.num_gpus,
+    )
+
+
+def build_llm_processor(config: SynthesizeConfig):
+    """``ray.data.llm`` processor: prompt + max_tokens in, generated_text + num_generated_tokens out."""
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from actors.llm_engine import LLMEngineConfig, engine_env
+    from embedforge.models import resolve_model
+
+    t = config.translation
+    env = engine_env(LLMEngineConfig(kv_cache_gb=t.kv_cache_gb, in_process=False))
+    on_gpu = t.num_gpus > 0
+    proc_config = vLLMEngineProcessorConfig(
+        model_source=resolve_model(t.model),
+        engine_kwargs={"max_model_len": t.max_model_len, "dtype": t.dtype, "enforce_eager": t.enforce_eager},
+        batch_size=t.batch_size, concurrency=t.concurrency, runtime_env={"env_vars": env},
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
+        **({} if on_gpu else {"accelerator_type": None, "placement_group_config": {"bundles": [{"CPU": t.num_cpus}]}}),
+    )
+    keep = (R.TEXT, R.LANG, "max_tokens")
+    return build_processor(
+        proc_config,
+        preprocess=lambda row: {**row, "sampling_params": {"temperature": 0.0, "max_tokens": int(row["max_tokens"]),
+                                                          "stop": ["\n"]}},
+        postprocess=lambda row: {**{k: row[k] for k in keep}, "generated_text": row["generated_text"],
+                                 "num_generated_tokens": row["num_generated_tokens"]},
+    )
+
+
+def translate_and_score(sentences: pl.DataFrame, config: SynthesizeConfig) -> pl.DataFrame:
+    """Run the Ray Data pipeline over unique (text, lang) rows; one row out per row in."""
+    import ray
+    import ray.data
+
+    t, qe = config.translation, config.qe
+    blocks = max(1, min(64, sentences.height // max(1, t.batch_size)))
+    ds = ray.data.from_arrow(sentences.to_arrow()).repartition(blocks)
+    ds = ds.map_batches(PromptStage, fn_constructor_kwargs={"translation": t.model_dump(), "source_lang": config.source_lang},
+                        batch_size=t.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+    ds = _translate_engine(ds, config) if t.backend == "engine" else build_llm_processor(config)(ds)
+    if qe.cosine:
+        embedder = {"model": qe.encoder, "prompt": qe.encoder_prompt, "batch_size": qe.encoder_batch_size,
+                    "num_gpus": qe.encoder_num_gpus, "device": "cuda" if qe.encoder_num_gpus > 0 else "cpu"}
+        ds = ds.map_batches(CosineStage, fn_constructor_kwargs={"embedder": embedder}, batch_size=qe.encoder_batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=qe.encoder_concurrency), num_cpus=1,
+                            num_gpus=qe.encoder_num_gpus)
+    ds = ds.map_batches(qe_batch, fn_kwargs={"qe": qe.model_dump()}, batch_size=256, num_cpus=0.5)
+    tables = [ray.get(ref, timeout=600) for ref in ds.to_arrow_refs()]
+    out = pl.from_arrow(pa.concat_tables(tables, promote_options="default")) if tables else None
+    if out is None or out.height != sentences.height:
+        got = 0 if out is None else out.height
+        raise InputError(f"translation pipeline returned {got} rows for {sentences.height} sentences")
+    return out
+
+
+def _check_inputs(config: SynthesizeConfig, inputs: list[R.InputTable]) -> None:
+    total = sum(t.num_rows for t in inputs)
+    bad = sum(t.bad.height for t in inputs)
+    if total == 0:
+        raise InputError("the inputs hold no rows; check inputs[*].source and limit")
+    if bad / total > config.max_bad_fraction:
+        first = next(t.bad.row(0, named=True) for t in inputs if t.bad.height)
+        raise InputError(f"{bad} of {total} input rows are malformed (more than max_bad_fraction="
+                         f"{config.max_bad_fraction}); first: {first['reason']}. Fix the input or raise max_bad_fraction")
+
+
+def _check_existing(writer: storage.ShardedWriter, chash: str) -> dict[str, dict[str, Any]]:
+    done = writer.completed()
+    foreign = sorted(n for n, m in done.items() if m.get("config_hash") != chash)
+    if foreign:
+        raise ConfigError(f"output {writer.prefix} holds shards of another config ({foreign[0]} ...); "
+                          f"write to a new output or delete it (this config's hash is {chash})")
+    return done
+
+
+def _counts(shards: dict[str, dict[str, Any]], langs: list[str]) -> dict[str, dict[str, int]]:
+    counts = {lang: {"rows_in": 0, "kept": 0, "quarantined": 0, "malformed": 0} for lang in langs}
+    for meta in shards.values():
+        for k in counts[meta["lang"]]:
+            counts[meta["lang"]][k] += int(meta[k])
+    for lang, c in counts.items():
+        if c["rows_in"] != c["kept"] + c["quarantined"]:
+            raise RuntimeError(f"{lang}: rows_in {c['rows_in']} != kept {c['kept']} + quarantined {c['quarantined']}")
+    return counts
+
+
+def _read_sub(prefix: str, shards: dict[str, dict[str, Any]], sub: str) -> pl.DataFrame:
+    tables = [storage.read_parquet(storage.join(prefix, m["files"][sub]["file"])) for _, m in sorted(shards.items())]
+    return pl.from_arrow(pa.concat_tables(tables, promote_options="default"))
+
+
+def run_synthesize(config: SynthesizeConfig) -> dict[str, Any]:
+    """Translate, filter and commit; returns a summary with ``output`` and the manifest."""
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if config.translation.prompt_style == "few_shot":
+        for lang in config.target_langs:
+            try:
+                P.few_shot_examples(lang, config.translation.few_shot)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    chash = config.content_hash()
+    writer = storage.ShardedWriter(config.output)
+    if storage.is_committed(config.output):
+        manifest = storage.read_manifest(config.output)
+        if manifest.get("config_hash") != chash:
+            raise ConfigError(f"output {config.output} is committed by another config (hash "
+                              f"{manifest.get('config_hash')}, this one {chash}); use a new output")
+        log.info("output %s is already complete for this config", config.output)
+        return {"output": config.output, "manifest": manifest, "shards_written": [], "report": manifest.get("report")}
+    done = _check_existing(writer, chash)
+
+    inputs = [R.load_input(i, spec) for i, spec in enumerate(config.inputs)]
+    _check_inputs(config, inputs)
+    shards = R.plan_shards(inputs, config.target_langs, config.shard_rows)
+    todo = [s for s in shards if s.name not in done]
+    timings["load_s"] = time.perf_counter() - start
+    log.info("%d shards planned, %d already committed, %d to do", len(shards), len(shards) - len(todo), len(todo))
+
+    written, generated_tokens, n_unique = [], 0, 0
+    if todo:
+        sentences = R.unique_sentences(inputs, todo)
+        n_unique = sentences.height
+        if n_unique:
+            init_ray(config.ray)
+            t = config.translation
+            check_resources(t.num_cpus, t.num_gpus, "translation.num_gpus", config.ray.fail_fast_on_missing_gpus)
+            check_resources(1, config.qe.encoder_num_gpus, "qe.encoder_num_gpus", config.ray.fail_fast_on_missing_gpus)
+            t0 = time.perf_counter()
+            translations = translate_and_score(sentences, config)
+            timings["translate_s"] = time.perf_counter() - t0
+            generated_tokens = int(translations["num_generated_tokens"].sum())
+        else:
+            translations = pl.DataFrame(schema={R.TEXT: pl.String, R.LANG: pl.String, R.TRANSLATION: pl.String,
+                                                **{c: pl.String for c in R.QE_COLUMNS}})
+        t0 = time.perf_counter()
+        for shard in todo:
+            table = inputs[shard.input_index]
+            data, quarantine = R.assemble(table, shard, translations, config.inputs[shard.input_index].source)
+            rows_in = shard.end - shard.start
+            meta = {"config_hash": chash, "lang": shard.lang, "input": table.name, "start": shard.start,
+                    "end": shard.end, "rows_in": rows_in, "kept": data.height, "quarantined": quarantine.height,
+                    "malformed": int(quarantine[S.REASON].str.starts_with("malformed").sum())}
+            if data.height + quarantine.height != rows_in:
+                raise RuntimeError(f"shard {shard.name}: {data.height} kept + {quarantine.height} quarantined "
+                                   f"!= {rows_in} rows in")
+            writer.write(shard.name, {DATA: data.to_arrow(), QUARANTINE: quarantine.to_arrow()}, meta)
+            written.append(shard.name)
+        timings["write_s"] = time.perf_counter() - t0
+
+    committed = _check_existing(writer, chash)
+    counts = _counts(committed, config.target_langs)
+    for lang, c in counts.items():
+        if c["rows_in"] and c["quarantined"] / c["rows_in"] > config.max_rejected_fraction:
+            raise InputError(f"{lang}: {c['quarantined']} of {c['rows_in']} rows quarantined (more than "
+                             f"max_rejected_fraction={config.max_rejected_fraction}); see {config.output}/quarantine")
+    t0 = time.perf_counter()
+    report = build_report(_read_sub(config.output, committed, DATA), _read_sub(config.output, committed, QUARANTINE),
+                          config.output, config.target_langs)
+    timings["report_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - start
+    manifest = writer.finish({
+        "kind": "synthesize", "config_hash": chash, "model": config.translation.model,
+        "target_langs": config.target_langs, "inputs": [s.model_dump(mode="json") for s in config.inputs],
+        "counts": counts, "unique_sentences_translated": n_unique, "generated_tokens": generated_tokens,
+        "shards_written_this_run": written, "timings": timings, "report": report["files"],
+        "config": config.model_dump(mode="json"),
+    })
+    return {"output": config.output, "manifest": manifest, "shards_written": written, "report": report}
+
+
+def load_synthesized(output: str, kind: str) -> pl.DataFrame:
+    """The kept rows of one kind (scored_pairs or nli_triplets) of a committed synthesize output."""
+    return R.load_synthesized_frame(pl.from_arrow(storage.read_output(output, DATA)), kind)
