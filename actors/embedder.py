@@ -67,7 +67,7 @@ class Embedder:
         from embedforge.elastic import num_layers
 
         self.num_layers = num_layers(self.model)
-        self.dimension = self.model.get_sentence_embedding_dimension()
+        self.dimension = self.model.get_embedding_dimension()
 
     def tokenize_lengths(self, texts: Sequence[str]) -> list[int]:
         tok = self.model.tokenizer

@@ -83,3 +83,16 @@ def check_resources(num_cpus: float, num_gpus: float, what: str, fail_fast: bool
         raise ResourceError(
             f"{what} asks for num_cpus={num_cpus} but the cluster has {total.get('CPU', 0):g} CPUs; lower num_cpus"
         )
+
+
+def remote_actor(cls: type, config: Any, ray_config: RayConfig | None = None, **options: Any):
+    """Start ``cls(config)`` as a Ray actor with the resources its config asks for.
+
+    ``config`` must have ``num_cpus``, ``num_gpus`` and ``ray_options()``; the request is
+    checked first so a GPU ask on a CPU-only cluster fails at once instead of hanging.
+    """
+    import ray
+
+    fail_fast = (ray_config or RayConfig()).fail_fast_on_missing_gpus
+    check_resources(config.num_cpus, config.num_gpus, cls.__name__, fail_fast)
+    return ray.remote(**config.ray_options(), **options)(cls).remote(config)

@@ -1,0 +1,66 @@
+"""A real `ray start --head` cluster on 127.0.0.1 for job-submission tests.
+
+Started with ``--block`` in its own process group and stopped by that group's id, never
+with ``ray stop`` (which would kill every Ray process on the host).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.s3server import _free_ports
+
+
+@dataclass
+class HeadNode:
+    dashboard_url: str = ""
+    _proc: subprocess.Popen | None = None
+    _dir: str = ""
+
+    def start(self, num_cpus: int = 4, timeout_s: float = 120.0) -> "HeadNode":
+        gcs, dash, client = _free_ports(3)
+        self._dir = tempfile.mkdtemp(prefix="ef-head-", dir="/tmp")
+        ray = str(Path(sys.executable).parent / "ray")
+        cmd = [
+            ray, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+            f"--num-cpus={num_cpus}", "--object-store-memory=400000000", f"--temp-dir={self._dir}",
+            "--include-dashboard=true", "--disable-usage-stats",
+        ]
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        env.pop("RAY_ADDRESS", None)
+        self._proc = subprocess.Popen(cmd, env=env, stdout=open(f"{self._dir}/head.log", "wb"),
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.dashboard_url = f"http://127.0.0.1:{dash}"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {self._proc.returncode}; see {self._dir}/head.log")
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"Ray head not ready after {timeout_s}s")
+
+    def stop(self) -> None:
+        if self._proc and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait(timeout=10)
+        shutil.rmtree(self._dir, ignore_errors=True)
