@@ -51,14 +51,14 @@ class Embedder:
             config = EmbedderConfig.model_validate(config or {})
         self.config = config
         import torch
-        from sentence_transformers import SentenceTransformer
 
         from embedforge.models import resolve_model
+        from embedforge.st_modules import load_sentence_transformer
 
         threads = config.torch_threads or max(1, int(config.num_cpus or 1))
         torch.set_num_threads(threads)
         self.model_path = resolve_model(config.model)
-        self.model = SentenceTransformer(self.model_path, device=config.device)
+        self.model = load_sentence_transformer(self.model_path, device=config.device)
         if config.max_seq_length:
             self.model.max_seq_length = config.max_seq_length
         self.model.eval()
