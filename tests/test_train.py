@@ -1,0 +1,243 @@
+"""Training on Ray Train: config checks, the data schedule, and real 2-worker CPU runs on a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from embedforge.config import build_config, load_config
+from embedforge.errors import ConfigError, EngineError, InputError
+from tests.train_fixtures import tiny_model_path  # noqa: F401  (fixture)
+from workflows.train.config import TrainConfig
+from workflows.train.mixture import Schedule, check_item
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp: Path | str, base: str, datasets: list[dict], **over) -> TrainConfig:
+    data = {"model": {"base": base}, "datasets": datasets,
+            "train": {"max_steps": 4, "batch_size": 4, "log_every_n_steps": 1},
+            "dev": {"dataset": {"source": "stsb", "split": "dev", "limit": 16}, "batch_size": 16},
+            "checkpoint": {"every_n_steps": 2, "keep_best_k": 2}, "failure": {"max_failures": 1},
+            "output": str(tmp), "run_name": "t"}
+    for key, value in over.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return build_config(TrainConfig, data)
+
+
+STSB = {"dataset": {"source": "stsb", "split": "train", "limit": 32}, "objective": {"kind": "cosent"}}
+
+
+# ---------------------------------------------------------------- config and data checks (no Ray)
+
+
+@pytest.mark.parametrize("path", sorted(REPO.glob("configs/train*.yaml")), ids=lambda p: p.name)
+def test_example_configs_validate(path):
+    config = load_config(TrainConfig, path)
+    assert config.datasets and config.output
+
+
+def test_test_split_is_refused_for_training_and_dev():
+    bad = {"dataset": {"source": "stsb", "split": "test"}, "objective": {"kind": "cosent"}}
+    with pytest.raises(ConfigError, match="test splits are for final evaluation"):
+        _config("/tmp/x", "m", [bad])
+    with pytest.raises(ConfigError, match="dev.dataset"):
+        _config("/tmp/x", "m", [STSB], dev={"dataset": {"source": "stsb", "split": "test"}})
+
+
+def test_steps_or_epochs_exactly_one():
+    with pytest.raises(ConfigError, match="exactly one of train.max_steps and train.epochs"):
+        _config("/tmp/x", "m", [STSB], train={"max_steps": 3, "epochs": 1.0})
+
+
+def test_incompatible_loss_and_data_names_dataset_and_columns():
+    triplets = pa.table({"anchor": ["a"] * 8, "positive": ["b"] * 8, "negative": ["c"] * 8})
+    with pytest.raises(InputError, match=r"dataset nli \(objective cosent\): missing columns \['sentence1', "
+                                         r"'sentence2', 'score'\]; received columns \['anchor'"):
+        check_item("nli", triplets, ["sentence1", "sentence2", "score"], "cosent", 4)
+    with pytest.raises(InputError, match="dataset empty: it is empty"):
+        check_item("empty", triplets.slice(0, 0), ["anchor"], "mnrl", 4)
+    with pytest.raises(InputError, match="less than one global batch"):
+        check_item("small", triplets, ["anchor"], "mnrl", 16)
+    nulls = pa.table({"anchor": ["a", None, "b", "c"]})
+    with pytest.raises(InputError, match="column 'anchor' has 1 null"):
+        check_item("n", nulls, ["anchor"], "mnrl", 2)
+
+
+def test_schedule_splits_each_global_batch_across_ranks_and_covers_an_epoch():
+    s = Schedule(sizes=(40, 12), weights=(1.0, 1.0), mode="round_robin", batch_size=2, world_size=2, seed=3)
+    plan = s.plan(0, 8)
+    assert [d for d, _ in plan] == [0, 1] * 4
+    seen = []
+    for d, count in plan:
+        if d == 0:
+            r0, r1 = s.rows(0, count, 0), s.rows(0, count, 1)
+            assert not set(r0) & set(r1)
+            seen += list(r0) + list(r1)
+    assert len(seen) == len(set(seen)) == 16
+    # dataset 1 has 12 // 4 = 3 batches per epoch: its 4th batch starts a fresh permutation
+    assert s.batches_per_epoch(1) == 3 and plan[7] == (1, 3)
+    assert s.total_steps(None, 1.0) == 10 + 3
+    # resuming at step 5 plans exactly what the uninterrupted run planned
+    assert s.plan(5, 8) == plan[5:]
+
+
+def test_proportional_schedule_follows_weights_and_is_deterministic():
+    s = Schedule(sizes=(100, 100), weights=(3.0, 1.0), mode="proportional", batch_size=1, world_size=1, seed=0)
+    picks = [s.dataset_at(i) for i in range(2000)]
+    assert picks == [s.dataset_at(i) for i in range(2000)]
+    assert 0.70 < picks.count(0) / 2000 < 0.80
+
+
+def test_job_dry_run_and_bad_config_exit_codes(capsys):
+    from jobs.train import main
+
+    assert main(["--config", str(REPO / "configs/train.yaml"), "--dry-run"]) == 0
+    assert "run_name: minilm-mixture" in capsys.readouterr().out
+    assert main(["--config", str(REPO / "configs/train.yaml"), "--set", "train.batch_size=0"]) == 2
+    assert "train.batch_size" in capsys.readouterr().err
+
+
+def test_missing_columns_fail_before_workers_start(tmp_path, tiny_model_path):  # noqa: F811
+    from workflows.train.mixture import load_mixture
+
+    sick = {"dataset": {"source": "sick", "split": "train", "kind": "nli_triplets", "limit": 32},
+            "objective": {"kind": "cosent"}, "name": "sick-triplets"}
+    with pytest.raises(InputError, match=r"dataset sick-triplets \(objective cosent\): missing columns"):
+        load_mixture(_config(tmp_path, tiny_model_path, [sick]))
+
+
+# ---------------------------------------------------------------- real Ray Train runs
+
+
+def _step_logger(log_dir: Path, fail_rank: int | None = None, fail_step: int | None = None):
+    """A step callback that logs each finished step per rank and fails once at ``fail_step``."""
+    log_dir = str(log_dir)
+
+    def callback(step: int, rank: int) -> None:
+        from pathlib import Path as P
+
+        with open(P(log_dir) / f"rank{rank}.log", "a") as f:
+            f.write(f"{step}\n")
+        marker = P(log_dir) / "failed-once"
+        if rank == fail_rank and step == fail_step and not marker.exists():
+            marker.write_text("x")
+            raise RuntimeError(f"injected failure on rank {rank} at step {step}")
+
+    return callback
+
+
+def _steps(log_dir: Path, rank: int = 0) -> list[int]:
+    return [int(x) for x in (log_dir / f"rank{rank}.log").read_text().split()]
+
+
+def _check_export(model_uri: str) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_uri, device="cpu")
+    emb = model.encode(["a man plays a guitar", "a woman is cooking"])
+    assert emb.shape[0] == 2 and np.isfinite(emb).all()
+    card = (Path(model_uri) / "README.md").read_text()
+    assert "stsb:train" in card and "## Dev metrics" in card and "base_model" in card
+
+
+@pytest.mark.timeout(600)
+def test_two_worker_run_survives_a_worker_failure_and_exports(ray_local, tmp_path, tiny_model_path):  # noqa: F811
+    """2 gloo workers, CoSENT; rank 1 dies once after step 3 and both resume from the step-2 checkpoint."""
+    from workflows.train.run import run_train
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = _config(tmp_path / "run", tiny_model_path, [STSB])
+    summary = run_train(config, step_callback=_step_logger(logs, fail_rank=1, fail_step=3))
+    assert (logs / "failed-once").exists()
+    assert _steps(logs, 0) == [1, 2, 3, 3, 4]  # steps 1-3, then resumed from the checkpoint of step 2
+    assert _steps(logs, 1) == [1, 2, 3, 3, 4]
+    manifest = json.loads((tmp_path / "run" / "_MANIFEST.json").read_text())
+    assert manifest["steps"] == 4 and "dev_spearman" in manifest["dev_metrics"]
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert (tmp_path / "run" / "training_curve.png").stat().st_size > 1000
+    assert summary["model"] == str(tmp_path / "run" / "model")
+    _check_export(summary["model"])
+
+
+def _kl_output(tmp_path: Path) -> str:
+    """A committed reward-style output: queries with 3 candidates and teacher probabilities."""
+    from embedforge.data import DatasetSpec, load_dataset
+    from embedforge.storage import ShardedWriter
+
+    df = load_dataset(DatasetSpec(source="stsb", split="train", limit=24))
+    s1, s2 = df["sentence1"].to_list(), df["sentence2"].to_list()
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=len(s1)).astype("float32").tolist()
+    table = pa.table({"query": s1, "candidate_1": s2, "candidate_2": s2[1:] + s2[:1],
+                      "candidate_3": s2[2:] + s2[:2], "teacher_probs": probs})
+    prefix = str(tmp_path / "reward-out")
+    writer = ShardedWriter(prefix)
+    writer.write("part-0", {"data": table})
+    writer.finish({"kind": "reward"})
+    return prefix
+
+
+OBJECTIVES = {
+    "mnrl_gathered": ({"source": "sick", "split": "train", "kind": "nli_triplets", "limit": 32},
+                      {"kind": "mnrl", "gather_across_workers": True}),
+    "cached_mnrl": ({"source": "sick", "split": "train", "kind": "nli_triplets", "limit": 32},
+                    {"kind": "cached_mnrl", "gather_across_workers": True, "mini_batch_size": 2}),
+    "angle": ({"source": "stsb", "split": "train", "limit": 32}, {"kind": "angle"}),
+    "score_distill": ({"source": "stsb", "split": "train", "limit": 32},
+                      {"kind": "score_distill", "teacher_column": "score"}),
+    "kl_distill": (None, {"kind": "kl_distill", "num_candidates": 3}),
+    "cosent_2dmse": ({"source": "stsb", "split": "train", "limit": 32},
+                     {"kind": "cosent", "matryoshka2d": {"layers": [1], "dims": [32, 16]}}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_each_objective_trains_on_two_workers(ray_local, tmp_path, tiny_model_path, name):  # noqa: F811
+    from sentence_transformers import SentenceTransformer
+
+    from embedforge.elastic import read_grid
+    from workflows.train.run import run_train
+
+    dataset, objective = OBJECTIVES[name]
+    item = {"dataset": dataset if dataset is not None else _kl_output(tmp_path), "objective": objective}
+    config = _config(tmp_path / "run", tiny_model_path, [item], train={"max_steps": 2},
+                     checkpoint={"every_n_steps": 2})
+    summary = run_train(config)
+    assert np.isfinite(summary["final_train_loss"])
+    model = SentenceTransformer(summary["model"], device="cpu")
+    assert model.encode(["x"]).shape == (1, 32)
+    if name == "cosent_2dmse":
+        assert read_grid(summary["model"]) == {"layers": [1, 2], "dims": [16, 32]}
+
+
+@pytest.mark.slow
+@pytest.mark.s3
+@pytest.mark.timeout(900)
+def test_checkpoints_and_model_on_s3_and_restart_with_same_name(ray_local, s3, tmp_path, tiny_model_path):  # noqa: F811
+    """A job that dies (no retries left) is rerun with the same name: it resumes from S3."""
+    from embedforge import storage
+    from embedforge.models import resolve_model
+    from workflows.train.run import run_train
+
+    output = f"s3://{s3.bucket}/train-test"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    config = _config(output, tiny_model_path, [STSB], failure={"max_failures": 0})
+    with pytest.raises(EngineError, match="failed"):
+        run_train(config, step_callback=_step_logger(logs, fail_rank=0, fail_step=3))
+    assert _steps(logs) == [1, 2, 3]
+    assert any(p.startswith("checkpoints/t/checkpoint_") for p in storage.list_files(output))
+    (logs / "rank0.log").unlink()
+    summary = run_train(config, step_callback=_step_logger(logs))
+    assert _steps(logs) == [3, 4]  # the restarted job continued after the step-2 checkpoint
+    assert summary["model"] == f"{output}/model" and storage.is_committed(output)
+    _check_export(resolve_model(summary["model"], cache_dir=str(tmp_path / "cache")))

@@ -1,0 +1,145 @@
+"""``TrainConfig``: what to fine-tune, on which mixture of datasets, with which objectives, where.
+
+A run trains one sentence-transformers model on a mixture of datasets, each with its own
+objective (``workflows.train.losses.ObjectiveConfig``, a union tagged by ``kind``). Every step
+draws one global batch from one dataset (round-robin or proportional to ``weight``), split
+evenly across the Ray Train workers. Example (``configs/train.yaml``)::
+
+    model: {base: all-minilm-l6-v2}
+    datasets:
+      - dataset: {source: stsb, split: train}
+        objective: {kind: cosent}
+    train: {batch_size: 16, max_steps: 50, lr: 2.0e-5}
+    scaling: {num_workers: 2}
+    output: runs/train-minilm
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from embedforge.config import StrictModel
+from embedforge.data import DatasetSpec
+from embedforge.runtime import RayConfig
+from workflows.train.losses import ObjectiveConfig
+
+
+class ModelConfig(StrictModel):
+    """The model to start from."""
+
+    base: str = Field("all-minilm-l6-v2", description="Packaged short name, local folder, s3:// folder or hub id")
+    pooling: Literal["keep", "mean", "cls", "lasttoken", "multilayer_attention"] = Field(
+        "keep", description="keep: the base model's own pooling; otherwise replace it (multilayer_attention: "
+                            "trainable cross-attention over all layers' outputs)")
+    max_seq_length: int | None = Field(None, ge=8, le=8192, description="Truncate inputs; None: the model's")
+    freeze_unused: bool = Field(True, description="Freeze parameters no loss reaches (e.g. the BERT pooler)")
+
+
+class MixtureItem(StrictModel):
+    """One training dataset and the objective it trains."""
+
+    dataset: DatasetSpec | str = Field(
+        description="A DatasetSpec (named dataset, split, limit), or the URI of a committed output of the "
+                    "synthesize or reward stage (its `data` rows)")
+    objective: ObjectiveConfig = Field(description="Loss for this dataset, tagged by `kind`")
+    weight: float = Field(1.0, gt=0, description="Share of steps in proportional mode")
+    name: str | None = Field(None, description="Name in logs and the model card; default: source and split")
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if isinstance(self.dataset, str):
+            return self.dataset.rstrip("/").rsplit("/", 1)[-1]
+        return f"{self.dataset.source}:{self.dataset.split}"
+
+
+class OptimConfig(StrictModel):
+    """Steps, batch and optimizer."""
+
+    batch_size: int = Field(16, ge=1, le=65536, description="Rows per worker per step (global = x num_workers)")
+    lr: float = Field(2e-5, gt=0, le=1.0, description="AdamW peak learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps with linear warmup")
+    max_steps: int | None = Field(None, ge=1, description="Total optimizer steps (set this or epochs)")
+    epochs: float | None = Field(None, gt=0, description="Passes over the mixture (set this or max_steps)")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; None: off")
+    mixture: Literal["round_robin", "proportional"] = Field(
+        "proportional", description="round_robin: datasets in turn; proportional: drawn by weight each step")
+    log_every_n_steps: int = Field(10, ge=1, description="Rank 0 logs (and reports) every N steps")
+
+    @model_validator(mode="after")
+    def _one_length(self) -> OptimConfig:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.max_steps and train.epochs")
+        return self
+
+
+class ScalingConfig(StrictModel):
+    """Ray Train workers."""
+
+    num_workers: int = Field(2, ge=1, le=4096, description="Data-parallel workers")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); False: CPU workers (gloo)")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker asks for (its torch threads)")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Extra custom resources per worker, e.g. {'accelerator_type:A10G': 0.01}")
+
+
+class DevConfig(StrictModel):
+    """The dev set that scores checkpoints (STS Spearman of cosine similarity)."""
+
+    dataset: DatasetSpec | None = Field(
+        default_factory=lambda: DatasetSpec(source="stsb", split="dev"),
+        description="Scored pairs to evaluate on (never a test split); None: no dev metric")
+    batch_size: int = Field(64, ge=1, description="Encoding batch size")
+
+
+class CheckpointConfig(StrictModel):
+    """Checkpoints in storage, each a loadable sentence-transformers folder plus optimizer state."""
+
+    every_n_steps: int = Field(100, ge=1, description="Checkpoint (and evaluate on dev) every N steps and at the end")
+    keep_best_k: int = Field(2, ge=1, description="Checkpoints kept, best by the dev metric")
+    metric: str = Field("dev_spearman", description="Reported metric that ranks checkpoints")
+    mode: Literal["max", "min"] = Field("max", description="Whether a higher metric is better")
+    export: Literal["best", "last"] = Field("best", description="Which checkpoint becomes the exported model")
+
+
+class FailureConfig(StrictModel):
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited)")
+
+
+class TrainConfig(StrictModel):
+    """Fine-tune a sentence embedder on Ray Train over a mixture of datasets and objectives."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model and pooling")
+    datasets: list[MixtureItem] = Field(min_length=1, description="The training mixture")
+    train: OptimConfig = Field(description="Steps, batch and optimizer")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers")
+    dev: DevConfig = Field(default_factory=DevConfig, description="Dev set that scores checkpoints")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing")
+    failure: FailureConfig = Field(default_factory=FailureConfig, description="Fault tolerance")
+    output: str = Field(description="URI (local path or s3://bucket/prefix) of the run: checkpoints and model")
+    run_name: str = Field("train", pattern=r"^[A-Za-z0-9][\w.-]*$",
+                          description="Run name; rerunning with the same name and output resumes it")
+    seed: int = Field(0, description="Seed of data order and initialization")
+    ray: RayConfig = Field(default_factory=RayConfig, description="How to reach Ray")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        from embedforge.data import is_test_split
+
+        for i, item in enumerate(self.datasets):
+            if isinstance(item.dataset, DatasetSpec) and is_test_split(item.dataset):
+                raise ValueError(f"datasets[{i}] ({item.label}): test splits are for final evaluation only; "
+                                 "train on train or dev splits")
+        if self.dev.dataset is not None and is_test_split(self.dev.dataset):
+            raise ValueError("dev.dataset: checkpoints are selected on it, so it must not be a test split; use dev")
+        labels = [item.label for item in self.datasets]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"datasets: names {labels} repeat; give each item a distinct `name`")
+        if self.dev.dataset is None and self.checkpoint.metric.startswith("dev_"):
+            raise ValueError("checkpoint.metric ranks by a dev metric but dev.dataset is None; "
+                             "set dev.dataset or checkpoint.metric=train_loss with mode=min")
+        return self

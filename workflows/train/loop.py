@@ -1,0 +1,227 @@
+"""The Ray Train loop: each worker trains a replica on its slice of every global batch.
+
+Gradients are averaged across workers with one all-reduce of a flat buffer per step instead of
+wrapping the model in ``DistributedDataParallel`` (``prepare_model(parallel_strategy=None)``
+still places it on the worker's device). Hand-written because DDP's reducer expects exactly one
+forward and one backward per step with the same parameters used on every rank, which the
+objectives here break: GradCache (cached MNRL) runs several backward passes per step, 2D
+Matryoshka samples layers per step, and sentence-transformers embeds the anchor column in its
+own forward. One explicit all-reduce after the step's backward passes is correct for all of
+them, and costs the same bytes as DDP (which cannot overlap compute on a CPU worker anyway).
+
+Per step: the schedule (``workflows.train.mixture``) names the dataset and rows; the text
+columns are preprocessed with the model's own ``preprocess``; the dataset's
+sentence-transformers loss runs; gradients are averaged, clipped, and AdamW steps with a linear
+warmup/decay schedule. Every ``every_n_steps`` and at the end, rank 0 scores the dev set
+(broadcast to all ranks), saves a checkpoint (a ``SentenceTransformer.save`` folder under
+``model/`` plus ``state.pt``) and attaches it to ``ray.train.report``; every rank reports.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+STATE_FILE = "state.pt"
+
+
+def _world() -> tuple[int, int]:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def build_model(base: str, config) -> Any:
+    """The SentenceTransformer to train, with the configured pooling and unused weights frozen."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(base, device="cpu")
+    if config.max_seq_length:
+        model.max_seq_length = config.max_seq_length
+    if config.pooling != "keep":
+        from workflows.train.pooling import replace_pooling
+
+        model = replace_pooling(model, config.pooling)
+    if config.freeze_unused:
+        # sentence-transformers pools token embeddings; the HF pooler head is never used.
+        pooler = getattr(model[0].auto_model, "pooler", None)
+        if pooler is not None:
+            for p in pooler.parameters():
+                p.requires_grad_(False)
+    return model
+
+
+def make_batch(model, objective, table, rows, device) -> tuple[list[dict], Any]:
+    """Features per input column (in the loss's order) and the label tensor (None when unlabeled)."""
+    from workflows.train.losses import input_columns, labels_from_batch
+
+    batch = table.take(rows)
+    features = []
+    for name in input_columns(objective):
+        feats = model.preprocess(batch.column(name).to_pylist())
+        features.append({k: (v.to(device) if hasattr(v, "to") else v) for k, v in feats.items()})
+    labels = labels_from_batch(objective, {n: batch.column(n).to_pylist() for n in batch.column_names})
+    return features, (labels.to(device) if labels is not None else None)
+
+
+def average_gradients(params: list, world_size: int) -> None:
+    """All-reduce the mean gradient of ``params`` in one flat buffer (missing grads count as zero)."""
+    import torch
+    import torch.distributed as dist
+
+    if world_size == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset:offset + n].view_as(p)
+        offset += n
+
+
+def dev_metric(model, dev: dict | None, batch_size: int) -> float | None:
+    """Spearman of cosine similarity on the dev pairs (sentence-transformers' own evaluator)."""
+    if dev is None:
+        return None
+    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
+
+    evaluator = EmbeddingSimilarityEvaluator(dev["sentence1"], dev["sentence2"], dev["score"],
+                                             batch_size=batch_size, main_similarity="cosine",
+                                             name="dev", write_csv=False)
+    model.eval()
+    try:
+        results = evaluator(model)
+    finally:
+        model.train()
+    return float(results[evaluator.primary_metric])
+
+
+def broadcast_float(value: float | None, world_size: int) -> float | None:
+    import torch
+    import torch.distributed as dist
+
+    if world_size == 1:
+        return value
+    t = torch.tensor([float("nan") if value is None else value], dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    return None if t.isnan().item() else float(t.item())
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list[dict]) -> None:
+    import torch
+
+    model.save(str(path / MODEL_DIR))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "history": history}, path / STATE_FILE)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry of every Ray Train worker. ``loop_config``: see ``workflows.train.run.build_trainer``."""
+    import ray
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+    from ray.train.torch import get_device, prepare_model
+    from transformers import get_linear_schedule_with_warmup
+
+    from workflows.train.config import TrainConfig
+    from workflows.train.losses import build_loss
+    from workflows.train.mixture import Schedule
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    rank, world = _world()
+    torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
+    torch.manual_seed(config.seed + rank)
+    tables = [ray.get(ref, timeout=600) for ref in loop_config["tables"]]
+    dev = ray.get(loop_config["dev"], timeout=600) if loop_config.get("dev") is not None else None
+    schedule: Schedule = loop_config["schedule"]
+    total_steps: int = loop_config["total_steps"]
+    step_callback: Callable[[int, int], None] | None = loop_config.get("step_callback")
+
+    checkpoint = ray.train.get_checkpoint()
+    state: dict[str, Any] = {"step": 0, "history": []}
+    tmp_restore = None
+    base = loop_config["base_model"]
+    if checkpoint is not None:
+        tmp_restore = tempfile.mkdtemp(prefix="ef-restore-")
+        restored = Path(checkpoint.to_directory(tmp_restore))
+        base = str(restored / MODEL_DIR)
+        state = torch.load(restored / STATE_FILE, weights_only=False)
+    device = get_device()
+    model = build_model(base, config.model.model_copy(update={"pooling": "keep"}) if checkpoint else config.model)
+    model = prepare_model(model, parallel_strategy=None)
+    model.train()
+    losses = [build_loss(item.objective, model) for item in config.datasets]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for loss in losses:
+        params += [p for p in loss.parameters() if p.requires_grad and all(p is not q for q in params)]
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.train.warmup_ratio * total_steps), total_steps)
+    if checkpoint is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        shutil.rmtree(tmp_restore, ignore_errors=True)
+        if rank == 0:
+            log.info("resumed from step %d", state["step"])
+    history: list[dict] = list(state["history"])
+    start = int(state["step"])
+    labels = [item.label for item in config.datasets]
+    every = config.checkpoint.every_n_steps
+    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+
+    for step, (d, count) in zip(range(start, total_steps), schedule.plan(start, total_steps)):
+        features, label = make_batch(model, config.datasets[d].objective, tables[d], schedule.rows(d, count, rank),
+                                     device)
+        loss_value = losses[d](features, label)
+        loss_value.backward()
+        average_gradients(params, world)
+        if config.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_loss += float(loss_value.detach())
+        window_n += 1
+        done = step + 1
+        if step_callback is not None:
+            step_callback(done, rank)
+        at_ckpt = done % every == 0 or done == total_steps
+        if not at_ckpt and done % config.train.log_every_n_steps:
+            continue
+        elapsed = time.perf_counter() - window_t
+        metrics = {"step": done, "train_loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
+                   "dataset": labels[d], "samples_per_s": window_n * schedule.global_batch / max(elapsed, 1e-9)}
+        window_loss, window_n = 0.0, 0
+        if not at_ckpt:
+            history.append(metrics)
+            if rank == 0:
+                log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", done, total_steps, metrics["train_loss"],
+                         metrics["lr"], metrics["samples_per_s"])
+            ray.train.report(metrics)
+            window_t = time.perf_counter()
+            continue
+        score = dev_metric(model, dev, config.dev.batch_size) if rank == 0 else None
+        score = broadcast_float(score, world)
+        if score is not None:
+            metrics["dev_spearman"] = score
+        history.append(metrics)
+        if rank == 0:
+            log.info("step %d/%d loss %.4f dev_spearman %s: checkpoint", done, total_steps, metrics["train_loss"],
+                     "n/a" if score is None else f"{score:.4f}")
+            with tempfile.TemporaryDirectory(prefix="ef-ckpt-") as tmp:
+                save_checkpoint(Path(tmp), model, optimizer, scheduler, done, history)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        window_t = time.perf_counter()

@@ -1,0 +1,157 @@
+"""The training mixture: load and check every dataset, then say which rows each worker trains on.
+
+Pure logic, no Ray. Data placement: the driver loads each (small) dataset once, checks it
+against its objective, and hands the tables to the workers through the object store; each
+worker then picks its own rows for a step from a seeded permutation. This keeps the data order
+a pure function of ``(seed, step, rank)``, so resuming after a worker failure or a job restart
+needs nothing but the step number (no iterator state to checkpoint), the mixture schedule is
+the same on every rank (all ranks must run the same objective each step), and no Ray Data
+pipeline runs beside the training processes on a small CPU box. Datasets far larger than
+memory would call for ``ray.train.get_dataset_shard`` instead.
+
+Schedule: step ``s`` trains on one dataset (``round_robin``: datasets in turn;
+``proportional``: drawn with probability proportional to ``weight`` by an RNG seeded with
+``(seed, s)``). The ``c``-th global batch of a dataset with ``n`` rows is slice ``c mod (n // G)``
+of the permutation of epoch ``c // (n // G)`` (``G`` = batch_size x num_workers); rank ``r``
+takes rows ``[r*b, (r+1)*b)`` of it. Incomplete last batches are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from embedforge import schemas as S
+from embedforge.errors import InputError
+from workflows.train.config import MixtureItem, TrainConfig
+from workflows.train.losses import required_columns
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedDataset:
+    """One mixture item, loaded and checked."""
+
+    label: str
+    table: pa.Table
+    columns: list[str]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return self.table.num_rows
+
+
+def load_item(item: MixtureItem) -> tuple[pa.Table, dict[str, Any]]:
+    """Rows of one mixture item and the manifest describing where they came from."""
+    from embedforge import storage
+    from embedforge.data import DatasetSpec, forbid_test_split, load_dataset
+
+    if isinstance(item.dataset, DatasetSpec):
+        forbid_test_split(item.dataset, "training")
+        df = load_dataset(item.dataset)
+        if not hasattr(df, "to_arrow"):
+            raise InputError(f"dataset {item.label}: a {type(df).__name__} cannot be trained on directly; "
+                             "use a pairs, triplets or scored-pairs source")
+        return df.to_arrow(), {"source": item.dataset.model_dump(mode="json")}
+    manifest = storage.read_manifest(item.dataset)
+    try:
+        table = storage.read_output(item.dataset, "data")
+    except Exception as e:  # StorageError, or a non-sharded committed output
+        if "files" not in manifest:
+            raise InputError(f"dataset {item.label}: {item.dataset} is committed but lists no data "
+                             f"(`outputs.data` or `files`) in its manifest") from e
+        table = storage.read_committed_table(item.dataset)
+    return table, {"uri": item.dataset, "manifest": manifest}
+
+
+def check_item(label: str, table: pa.Table, columns: list[str], objective_kind: str, global_batch: int) -> None:
+    """Raise InputError naming the dataset and columns when ``table`` cannot train its objective."""
+    S.require_columns(table.column_names, columns, f"dataset {label} (objective {objective_kind})")
+    if table.num_rows == 0:
+        raise InputError(f"dataset {label}: it is empty; check its source, split, filters or limit")
+    if table.num_rows < global_batch:
+        raise InputError(f"dataset {label}: {table.num_rows} rows is less than one global batch "
+                         f"({global_batch} = train.batch_size x scaling.num_workers); lower the batch or add rows")
+    for name in columns:
+        nulls = table.column(name).null_count
+        if nulls:
+            raise InputError(f"dataset {label}: column {name!r} has {nulls} null values; "
+                             "filter them out or quarantine them upstream")
+
+
+def load_mixture(config: TrainConfig) -> list[LoadedDataset]:
+    """Load and check every dataset before any worker starts."""
+    global_batch = config.train.batch_size * config.scaling.num_workers
+    out = []
+    for item in config.datasets:
+        table, manifest = load_item(item)
+        columns = list(required_columns(item.objective))
+        check_item(item.label, table, columns, item.objective.kind, global_batch)
+        out.append(LoadedDataset(item.label, table.select(columns).combine_chunks(), columns, manifest))
+        log.info("dataset %s: %d rows, columns %s, objective %s", item.label, table.num_rows, columns,
+                 item.objective.kind)
+    return out
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which dataset and which rows a step trains on (identical on every rank)."""
+
+    sizes: tuple[int, ...]
+    weights: tuple[float, ...]
+    mode: str
+    batch_size: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def batches_per_epoch(self, d: int) -> int:
+        return self.sizes[d] // self.global_batch
+
+    def total_steps(self, max_steps: int | None, epochs: float | None) -> int:
+        if max_steps is not None:
+            return max_steps
+        return max(1, math.ceil(epochs * sum(self.batches_per_epoch(d) for d in range(len(self.sizes)))))
+
+    def dataset_at(self, step: int) -> int:
+        n = len(self.sizes)
+        if n == 1:
+            return 0
+        if self.mode == "round_robin":
+            return step % n
+        p = np.asarray(self.weights, dtype=float)
+        return int(np.random.default_rng([self.seed, step]).choice(n, p=p / p.sum()))
+
+    def plan(self, first_step: int, last_step: int) -> list[tuple[int, int]]:
+        """``(dataset, batch count of that dataset)`` for steps ``[first_step, last_step)``."""
+        counts = [0] * len(self.sizes)
+        out = []
+        for step in range(last_step):
+            d = self.dataset_at(step)
+            if step >= first_step:
+                out.append((d, counts[d]))
+            counts[d] += 1
+        return out
+
+    def rows(self, d: int, count: int, rank: int) -> np.ndarray:
+        """Row indices of dataset ``d`` for its ``count``-th global batch, on ``rank``."""
+        per_epoch = self.batches_per_epoch(d)
+        epoch, idx = divmod(count, per_epoch)
+        perm = np.random.default_rng([self.seed, d, epoch]).permutation(self.sizes[d])
+        start = idx * self.global_batch + rank * self.batch_size
+        return perm[start:start + self.batch_size]
+
+
+def schedule_for(config: TrainConfig, sizes: list[int]) -> Schedule:
+    return Schedule(tuple(sizes), tuple(i.weight for i in config.datasets), config.train.mixture,
+                    config.train.batch_size, config.scaling.num_workers, config.seed)
