@@ -82,7 +82,7 @@ def test_run_job_exit_codes(capsys):
 def test_real_job_exits_2_before_cluster_work():
     """A job entrypoint with a bad config exits 2 in a fresh interpreter (no Ray started)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.smoke", "--set", "ray.num_cpus=0"],
+        [sys.executable, "-m", "jobs.pipeline", "--config", "configs/quickstart.yaml", "--set", "ray.num_cpus=0"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2, proc.stderr

@@ -1,0 +1,73 @@
+"""The main job: ``python -m jobs.pipeline --config configs/quickstart.yaml``.
+
+Runs synthesize -> reward -> train -> gate -> evaluate -> deploy (each optional) as one DAG;
+a rerun skips stages whose outputs are complete. Through Ray Jobs:
+``ray job submit --working-dir . -- python -m jobs.pipeline --config configs/pipeline.yaml``.
+
+Exit codes: 0 done (model promoted, or no gate); 3 the gate rejected the new model (nothing
+was deployed); 2 bad config; 1 any other error.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from embedforge.config import run_job
+from workflows.pipeline.config import PipelineConfig
+
+EXIT_REJECTED = 3
+
+
+def _row(label: str, value: float | None, base: float | None) -> str:
+    if value is None:
+        return f"  {label:30s}      -"
+    if base is None:
+        return f"  {label:30s} {value:6.2f}"
+    return f"  {label:30s} {base:6.2f} -> {value:6.2f} ({value - base:+.2f})"
+
+
+def pipeline(config: PipelineConfig) -> int:
+    from workflows.pipeline.run import run_pipeline
+
+    result = run_pipeline(config)
+    s = result["summaries"]
+    print("\n=== embedforge pipeline:", config.name, "===")
+    for stage, status in result["stages"].items():
+        print(f"  {stage:12s} {status}")
+    if "synthesize" in s:
+        counts = s["synthesize"].get("manifest", {}).get("counts", {})
+        if counts:
+            print(f"synthesized: {counts}")
+        if s["synthesize"].get("report"):
+            print(f"synthesize report: {s['synthesize']['report']}")
+    for name in ("gate", "evaluate"):
+        if name in s:
+            ev = s[name]
+            base = ev.get("baseline") or {}
+            print(f"\n{name} ({ev['split']} split): baseline {base.get('model', '-')} -> candidate {ev['model']}")
+            base_metrics = (base.get("metrics") or {})
+            for key, value in ev["metrics"].items():
+                print(_row(key, value, base_metrics.get(key)))
+            for task, value in ev["tasks"].items():
+                print(_row(f"task {task}", value, (base.get("tasks") or {}).get(task)))
+            print(f"  report: {ev['report']}")
+            for p in ev.get("plots", []):
+                print(f"  plot:   {p}")
+    if "train" in s:
+        print(f"\nmodel: {s['train'].get('model')}")
+    gate = s.get("gate", {}).get("gate")
+    if gate:
+        print(f"gate: {gate['decision'].upper()}" + "".join(f"\n  - {r}" for r in gate["reasons"]))
+    if "deploy" in s:
+        d = s["deploy"]
+        print(f"served at {d['embeddings']} ; sample: {d['sample']}")
+    print(f"lineage: {result['lineage']}")
+    return 0 if result["promote"] else EXIT_REJECTED
+
+
+def main(argv=None) -> int:
+    return run_job(PipelineConfig, pipeline, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
