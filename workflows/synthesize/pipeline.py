@@ -12,9 +12,11 @@ Flow (``run_synthesize``)::
 
 * ``engine`` (default): ``map_batches(actors.translator.Translator, compute=ActorPoolStrategy)``,
   vLLM's ``LLM`` in the actor process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), per-row
-  ``max_tokens``. On this CPU-only setup it is the faster and lighter of the two: one process
-  per replica instead of an engine core process beside each actor, and the model folder is
-  resolved inside the worker (packaged names and ``s3://`` folders work on any node).
+  ``max_tokens``. Chosen as the default because it is the lighter of the two on CPU (one process
+  per replica instead of an engine core process beside each actor: about 2.4 vs 3.9 GiB) and the
+  model folder is resolved inside the worker (packaged names and ``s3://`` folders work on any
+  node). Its throughput against ``ray_data_llm`` has not been measured yet
+  (``benchmarks/synthesize.py --backends engine,ray_data_llm`` does it).
 * ``ray_data_llm``: ``ray.data.llm.build_processor`` with ``vLLMEngineProcessorConfig`` (chat
   template, tokenize and detokenize stages off: prompts are built by ``PromptStage``), CPU via
   ``accelerator_type=None`` and a ``{"CPU": 1}`` placement group. The model path is resolved on

@@ -1,0 +1,200 @@
+"""Synthesize benchmark: pipeline throughput vs raw vLLM vs transformers, and translation quality.
+
+1. Throughput on the same prompts (few-shot translation prompts of STS-B **train** sentences)
+   and the same model: generated tokens/s through the Ray Data pipeline (PromptStage +
+   translation backend), through raw ``vllm.LLM.generate`` in one process, and through
+   transformers' ``generate`` (greedy, stop at newline, batched with left padding). Times include
+   what each path needs to produce its output from a loaded model; the pipeline's time also
+   includes starting its engine actor (reported separately where measurable).
+2. Quality: chrF (sacrebleu) of the model's translations of ``stsb_multi_mt`` **dev** English
+   sentences against the DeepL references for de, es, fr, and chrF of the QE-kept vs
+   QE-rejected subsets (QE with the default thresholds and multilingual-e5-small cosine).
+
+Run: ``python -m benchmarks.synthesize --n-prompts 256 --hf-prompts 64 --chrf-n 100``
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def train_sentences(n: int) -> list[str]:
+    from embedforge.data import DatasetSpec, load_dataset
+
+    df = load_dataset(DatasetSpec(source="stsb", split="train"))
+    seen = list(dict.fromkeys(df["sentence1"].to_list()))
+    return seen[:n]
+
+
+def prompts_for(sentences, tokenizer, lang, factor, floor):
+    from workflows.synthesize import prompts as P
+
+    examples = P.few_shot_examples(lang)
+    prompts = [P.few_shot_prompt(s, lang, examples) for s in sentences]
+    n_tok = [len(tokenizer.encode(s, add_special_tokens=False)) for s in sentences]
+    return prompts, [P.max_tokens_for(n, factor, floor) for n in n_tok]
+
+
+def bench_pipeline(sentences, config, backend):
+    import polars as pl
+    import ray
+
+    from embedforge.runtime import RayConfig, init_ray
+    from workflows.synthesize.pipeline import translate_and_score
+
+    init_ray(RayConfig(num_cpus=4, object_store_memory_mb=512, include_dashboard=False,
+                       temp_dir=tempfile.mkdtemp(prefix="ef-bench-", dir="/tmp")))
+    cfg = config.model_copy(update={"translation": config.translation.model_copy(update={"backend": backend}),
+                                    "qe": config.qe.model_copy(update={"cosine": False})})
+    df = pl.DataFrame({"text": sentences, "lang": ["de"] * len(sentences)})
+    t0 = time.perf_counter()
+    out = translate_and_score(df, cfg)
+    wall = time.perf_counter() - t0
+    ray.shutdown()
+    return int(out["num_generated_tokens"].sum()), wall
+
+
+def bench_raw_vllm(model_path, prompts, max_tokens, max_model_len):
+    from actors.llm_engine import LLMEngine, LLMEngineConfig
+
+    t0 = time.perf_counter()
+    engine = LLMEngine(LLMEngineConfig(model=model_path, max_model_len=max_model_len))
+    start = time.perf_counter() - t0
+    from vllm import SamplingParams
+
+    params = [SamplingParams(max_tokens=m, temperature=0.0, stop=["\n"]) for m in max_tokens]
+    t0 = time.perf_counter()
+    outs = engine.llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    return engine, sum(len(o.outputs[0].token_ids) for o in outs), wall, start
+
+
+def bench_transformers(model_path, prompts, max_tokens, batch_size=16):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tok = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
+    newline = tok.encode("\n", add_special_tokens=False)
+    tokens, t0 = 0, time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        batch = tok(prompts[i:i + batch_size], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=max(max_tokens[i:i + batch_size]), do_sample=False,
+                                 stop_strings=["\n"], tokenizer=tok, pad_token_id=tok.pad_token_id)
+        for row, limit in zip(out[:, batch["input_ids"].shape[1]:].tolist(), max_tokens[i:i + batch_size]):
+            n = 0
+            for t in row[:limit]:
+                if t == tok.pad_token_id or t == tok.eos_token_id:
+                    break
+                n += 1
+                if t in newline or "\n" in tok.decode([t]):
+                    break
+            tokens += n
+    return tokens, time.perf_counter() - t0
+
+
+def bench_quality(engine, langs, n, config):
+    import numpy as np
+    import sacrebleu
+
+    from actors.embedder import Embedder
+    from embedforge.data import DatasetSpec, load_dataset
+    from workflows.synthesize import prompts as P
+    from workflows.synthesize import qe as Q
+
+    en = load_dataset(DatasetSpec(source="stsb_multi_mt", split="dev", lang="en"))["sentence1"].to_list()
+    idx = list(dict.fromkeys(range(len(en))))[:n]
+    embedder = Embedder({"model": config.qe.encoder, "prompt": config.qe.encoder_prompt})
+    t = config.translation
+    results = {}
+    for lang in langs:
+        refs = load_dataset(DatasetSpec(source="stsb_multi_mt", split="dev", lang=lang))["sentence1"].to_list()
+        src = [en[i] for i in idx]
+        ref = [refs[i] for i in idx]
+        prompts, max_tokens = prompts_for(src, engine.tokenizer, lang, t.max_tokens_factor, t.max_tokens_floor)
+        outs = engine.generate(prompts, max_tokens=max_tokens, stop=["\n"])
+        hyp = [P.clean_completion(o["text"]) for o in outs]
+        emb = embedder.encode(src + hyp)
+        cos = np.sum(emb[:len(src)] * emb[len(src):], axis=1)
+        kept = [not Q.assess(s, h, lang, len(o["token_ids"]), m, config.qe, float(c))["reasons"]
+                for s, h, o, m, c in zip(src, hyp, outs, max_tokens, cos)]
+        k = [i for i, ok in enumerate(kept) if ok]
+        r = [i for i, ok in enumerate(kept) if not ok]
+
+        def chrf(ids):
+            return sacrebleu.corpus_chrf([hyp[i] for i in ids], [[ref[i] for i in ids]]).score if ids else float("nan")
+
+        results[lang] = {"chrf": chrf(range(len(hyp))), "kept": len(k), "rejected": len(r),
+                         "chrf_kept": chrf(k), "chrf_rejected": chrf(r), "example": (src[0], hyp[0], ref[0])}
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--n-prompts", type=int, default=256)
+    parser.add_argument("--hf-prompts", type=int, default=64, help="prompts for transformers (slow); tokens/s compared")
+    parser.add_argument("--chrf-n", type=int, default=100)
+    parser.add_argument("--langs", default="de,es,fr")
+    parser.add_argument("--backends", default="engine", help="comma list of engine,ray_data_llm")
+    args = parser.parse_args(argv)
+
+    from embedforge.config import build_config
+    from embedforge.models import resolve_model
+    from workflows.synthesize.config import SynthesizeConfig
+
+    model_path = resolve_model(args.model)
+    config = build_config(SynthesizeConfig, {
+        "inputs": [{"source": "stsb", "split": "train"}], "target_langs": ["de"], "output": "/tmp/unused",
+        "translation": {"model": model_path, "prompt_style": "few_shot", "batch_size": 64, "max_model_len": 512}})
+    sentences = train_sentences(args.n_prompts)
+    print(f"model {args.model}: {len(sentences)} few-shot de prompts (STS-B train sentences)")
+
+    pipe = {}
+    for backend in args.backends.split(","):
+        tokens, wall = bench_pipeline(sentences, config, backend)
+        pipe[backend] = (tokens, wall)
+        print(f"pipeline[{backend}]: {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tok/s (incl. actor start)")
+        gc.collect()
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    prompts, max_tokens = prompts_for(sentences, tok, "de", config.translation.max_tokens_factor,
+                                      config.translation.max_tokens_floor)
+    engine, raw_tokens, raw_wall, raw_start = bench_raw_vllm(model_path, prompts, max_tokens, 512)
+    raw_tps = raw_tokens / raw_wall
+    print(f"raw vllm.LLM.generate: {raw_tokens} tokens in {raw_wall:.1f}s = {raw_tps:.1f} tok/s "
+          f"(engine start {raw_start:.1f}s not included; incl. start {raw_tokens / (raw_wall + raw_start):.1f} tok/s)")
+    for backend, (tokens, wall) in pipe.items():
+        print(f"RATIO pipeline[{backend}] / raw vLLM = {tokens / wall / raw_tps:.2f}x "
+              f"(both incl. engine start: {(tokens / wall) / (raw_tokens / (raw_wall + raw_start)):.2f}x)")
+
+    quality = bench_quality(engine, args.langs.split(","), args.chrf_n, config)
+    del engine
+    gc.collect()
+    hf_tokens, hf_wall = bench_transformers(model_path, prompts[:args.hf_prompts], max_tokens[:args.hf_prompts])
+    hf_tps = hf_tokens / hf_wall
+    print(f"transformers generate ({args.hf_prompts} prompts): {hf_tokens} tokens in {hf_wall:.1f}s = {hf_tps:.1f} tok/s")
+    for backend, (tokens, wall) in pipe.items():
+        print(f"RATIO pipeline[{backend}] / transformers = {tokens / wall / hf_tps:.2f}x")
+    print(f"RATIO raw vLLM / transformers = {raw_tps / hf_tps:.2f}x")
+    print(f"chrF on stsb_multi_mt dev (first {args.chrf_n} sentence1, DeepL references):")
+    for lang, r in quality.items():
+        print(f"  {lang}: chrF {r['chrf']:.1f}; QE kept {r['kept']} (chrF {r['chrf_kept']:.1f}), "
+              f"rejected {r['rejected']} (chrF {r['chrf_rejected']:.1f}); e.g. {r['example'][1]!r}")
+
+
+if __name__ == "__main__":
+    main()
