@@ -1,0 +1,1 @@
+"""Importers that turn model files shipped in PyPI packages into standard model folders."""
