@@ -44,6 +44,12 @@ def _replica_auth() -> Any:
     return _REPLICA["auth"]
 
 
+def _set_replica_auth(auth: Any) -> None:
+    # Module-level (pickled by reference): the ingress class is pickled by value, so a direct
+    # write to _REPLICA from its methods would land in a copy the FastAPI dependency never reads.
+    _REPLICA["auth"] = auth
+
+
 class AgentRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = Field(None, description="Served model name; None: the default model")
@@ -146,7 +152,7 @@ def make_fastapi_app(config: DebateConfig) -> tuple[Any, type]:
         def __init__(self, config_data: dict[str, Any], handles: dict[str, Any]):
             self.config = DebateConfig.model_validate(config_data)
             a = self.config.auth
-            _REPLICA["auth"] = ApiKeyAuth.from_settings(a.mode, a.api_keys_env, a.api_keys_file)
+            _set_replica_auth(ApiKeyAuth.from_settings(a.mode, a.api_keys_env, a.api_keys_file))
             self.handles = handles
 
         def _plan(self, body: DebateRequest) -> tuple[list[tuple[str, float]], int, int]:
