@@ -43,6 +43,22 @@ class RayConfig(StrictModel):
     )
 
 
+def _without_submitted_env_vars(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """Drop the env vars a submitted job already sets (``ray job submit --runtime-env-json``).
+
+    Inside a Ray job, ``ray.init`` merges the job's runtime env with ours and refuses any key
+    set by both; the job's value is the user's explicit choice, so it wins.
+    """
+    import json
+
+    blob = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not blob:
+        return runtime_env
+    job_env = (json.loads(blob).get("runtime_env") or {}).get("env_vars") or {}
+    env_vars = {k: v for k, v in runtime_env.get("env_vars", {}).items() if k not in job_env}
+    return {**runtime_env, "env_vars": env_vars}
+
+
 def init_ray(config: RayConfig | None = None, runtime_env: dict[str, Any] | None = None) -> dict[str, float]:
     """Connect to or start Ray; return the cluster's resources. Idempotent."""
     import ray
@@ -55,6 +71,7 @@ def init_ray(config: RayConfig | None = None, runtime_env: dict[str, Any] | None
     address = config.address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("connecting to Ray at %s", address)
+        runtime_env = _without_submitted_env_vars(runtime_env)
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         num_cpus = config.num_cpus or max(4, 2 * (os.cpu_count() or 1))
