@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.raycluster import HeadNode
-from tests.test_infra import entrypoints, parse_entrypoint
+from tests.manifests import entrypoints, parse_entrypoint
 
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
