@@ -93,6 +93,32 @@ def test_proportional_schedule_follows_weights_and_is_deterministic():
     assert 0.70 < picks.count(0) / 2000 < 0.80
 
 
+def test_flat_gradients_hold_the_autograd_gradients_in_one_buffer():
+    import torch
+
+    from workflows.train.loop import FlatGradients
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    unused = torch.nn.Parameter(torch.ones(5))
+    x = torch.randn(6, 4)
+    net(x).pow(2).sum().backward()
+    expected = [p.grad.clone() for p in net.parameters()]
+    params = list(net.parameters()) + [unused]
+    grads = FlatGradients(params)
+    for _ in range(2):  # the second step checks zero() resets the views that backward accumulates into
+        grads.zero()
+        net(x).pow(2).sum().backward()
+        net[0].bias.grad = net[0].bias.grad.clone()  # a replaced gradient is copied back
+        grads.average(world_size=1)
+        for p, e in zip(net.parameters(), expected):
+            torch.testing.assert_close(p.grad, e)
+        buf = grads.buffers[torch.float32]
+        assert buf.numel() == sum(p.numel() for p in params)
+        assert all(p.grad.data_ptr() >= buf.data_ptr() for p in params)
+        assert torch.equal(unused.grad, torch.zeros(5))
+
+
 def test_job_dry_run_and_bad_config_exit_codes(capsys):
     from jobs.train import main
 

@@ -58,18 +58,17 @@ def model_card(info: dict[str, Any]) -> str:
 def export_model(checkpoint, dest_uri: str, info: dict[str, Any], objectives: list[Any]) -> str:
     """Copy the checkpoint's model folder to ``dest_uri`` with the card; return ``dest_uri``.
 
-    The folder is loaded once with plain ``SentenceTransformer`` before it is published, which
+    The folder is loaded once with ``SentenceTransformer`` before it is published, which
     checks it loads and gives the model's depth and width for the elastic grid.
     """
-    from sentence_transformers import SentenceTransformer
-
+    from embedforge.st_modules import load_sentence_transformer
     from workflows.train.losses import record_grid
     from workflows.train.loop import MODEL_DIR
 
     with tempfile.TemporaryDirectory(prefix="ef-export-") as tmp:
         ckpt_dir = Path(checkpoint.to_directory(str(Path(tmp) / "ckpt")))
         folder = ckpt_dir / MODEL_DIR
-        model = SentenceTransformer(str(folder), device="cpu")
+        model = load_sentence_transformer(folder, device="cpu")
         info["elastic_grid"] = record_grid(folder, objectives, model)
         info["embedding_dim"] = model.get_embedding_dimension()
         del model

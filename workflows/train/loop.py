@@ -1,13 +1,14 @@
 """The Ray Train loop: each worker trains a replica on its slice of every global batch.
 
-Gradients are averaged across workers with one all-reduce of a flat buffer per step instead of
-wrapping the model in ``DistributedDataParallel`` (``prepare_model(parallel_strategy=None)``
-still places it on the worker's device). Hand-written because DDP's reducer expects exactly one
-forward and one backward per step with the same parameters used on every rank, which the
-objectives here break: GradCache (cached MNRL) runs several backward passes per step, 2D
-Matryoshka samples layers per step, and sentence-transformers embeds the anchor column in its
-own forward. One explicit all-reduce after the step's backward passes is correct for all of
-them, and costs the same bytes as DDP (which cannot overlap compute on a CPU worker anyway).
+Gradients are averaged across workers with one all-reduce of a flat buffer per step (backward
+accumulates straight into it) instead of wrapping the model in ``DistributedDataParallel``
+(``prepare_model(parallel_strategy=None)`` still places it on the worker's device).
+Hand-written because DDP's reducer expects exactly one forward and one backward per step with
+the same parameters used on every rank, which the objectives here break: GradCache (cached
+MNRL) runs several backward passes per step, 2D Matryoshka samples layers per step, and
+sentence-transformers embeds the anchor column in its own forward. One explicit all-reduce
+after the step's backward passes is correct for all of them and moves the same bytes as DDP
+(whose overlap of communication with backward buys little on CPU workers).
 
 Per step: the schedule (``workflows.train.mixture``) names the dataset and rows; the text
 columns are preprocessed with the model's own ``preprocess``; the dataset's
@@ -19,6 +20,7 @@ warmup/decay schedule. Every ``every_n_steps`` and at the end, rank 0 scores the
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 STATE_FILE = "state.pt"
+HISTORY_FILE = "history.json"
 
 
 def _world() -> tuple[int, int]:
@@ -41,15 +44,12 @@ def _world() -> tuple[int, int]:
 
 def build_model(base: str, config) -> Any:
     """The SentenceTransformer to train, with the configured pooling and unused weights frozen."""
-    from sentence_transformers import SentenceTransformer
+    from embedforge.st_modules import load_sentence_transformer
+    from workflows.train.pooling import set_pooling
 
-    model = SentenceTransformer(base, device="cpu")
+    model = set_pooling(load_sentence_transformer(base, device="cpu"), config.pooling)
     if config.max_seq_length:
         model.max_seq_length = config.max_seq_length
-    if config.pooling != "keep":
-        from workflows.train.pooling import replace_pooling
-
-        model = replace_pooling(model, config.pooling)
     if config.freeze_unused:
         # sentence-transformers pools token embeddings; the HF pooler head is never used.
         pooler = getattr(model[0].auto_model, "pooler", None)
@@ -72,22 +72,70 @@ def make_batch(model, objective, table, rows, device) -> tuple[list[dict], Any]:
     return features, (labels.to(device) if labels is not None else None)
 
 
-def average_gradients(params: list, world_size: int) -> None:
-    """All-reduce the mean gradient of ``params`` in one flat buffer (missing grads count as zero)."""
-    import torch
+class FlatGradients:
+    """Gradients of ``params`` as views into one flat buffer per dtype, averaged with one all-reduce each.
+
+    Backward accumulates into the views in place (as DDP's ``gradient_as_bucket_view``), so the
+    average needs no copy; a gradient some loss replaced instead is copied back into its view.
+    """
+
+    def __init__(self, params: list):
+        import torch
+
+        self.params = params
+        self.buffers: dict = {}
+        self.views = []
+        sizes: dict = {}
+        for p in params:
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+        for dtype, n in sizes.items():
+            self.buffers[dtype] = torch.zeros(n, dtype=dtype, device=params[0].device)
+        offsets = dict.fromkeys(sizes, 0)
+        for p in params:
+            o = offsets[p.dtype]
+            self.views.append(self.buffers[p.dtype][o:o + p.numel()].view_as(p))
+            offsets[p.dtype] = o + p.numel()
+        self.attach()
+
+    def attach(self) -> None:
+        for p, view in zip(self.params, self.views):
+            p.grad = view
+
+    def zero(self) -> None:
+        for buf in self.buffers.values():
+            buf.zero_()
+        self.attach()
+
+    def average(self, world_size: int) -> None:
+        """All-reduce the mean gradient (a parameter without a gradient counts as zero)."""
+        import torch.distributed as dist
+
+        for p, view in zip(self.params, self.views):
+            if p.grad is None:
+                p.grad = view  # the buffer already holds zeros for it
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad)
+                p.grad = view
+        if world_size == 1:
+            return
+        for buf in self.buffers.values():
+            dist.all_reduce(buf)
+            buf.div_(world_size)
+
+
+def broadcast_parameters(model, world_size: int) -> None:
+    """Start every rank from rank 0's weights (what DDP does at construction)."""
     import torch.distributed as dist
 
     if world_size == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat.div_(world_size)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p)
-        offset += n
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(tensor.data, src=0)
+
+
+def start_step_seed(state: dict[str, Any]) -> int:
+    """A seed offset so a resumed run does not replay the dropout masks of its first steps."""
+    return int(state["step"]) * 7919
 
 
 def dev_metric(model, dev: dict | None, batch_size: int) -> float | None:
@@ -124,6 +172,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history:
     model.save(str(path / MODEL_DIR))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "history": history}, path / STATE_FILE)
+    (path / HISTORY_FILE).write_text(json.dumps(history))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -142,7 +191,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     config = TrainConfig.model_validate(loop_config["config"])
     rank, world = _world()
     torch.set_num_threads(max(1, int(config.scaling.cpus_per_worker)))
-    torch.manual_seed(config.seed + rank)
+    torch.manual_seed(config.seed)
     tables = [ray.get(ref, timeout=600) for ref in loop_config["tables"]]
     dev = ray.get(loop_config["dev"], timeout=600) if loop_config.get("dev") is not None else None
     schedule: Schedule = loop_config["schedule"]
@@ -161,12 +210,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = get_device()
     model = build_model(base, config.model.model_copy(update={"pooling": "keep"}) if checkpoint else config.model)
     model = prepare_model(model, parallel_strategy=None)
+    broadcast_parameters(model, world)
+    torch.manual_seed(config.seed * 1000 + rank + start_step_seed(state))
     model.train()
     losses = [build_loss(item.objective, model) for item in config.datasets]
     params = [p for p in model.parameters() if p.requires_grad]
     for loss in losses:
         params += [p for p in loss.parameters() if p.requires_grad and all(p is not q for q in params)]
-    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    # fused AdamW: one kernel over all parameters (CPU and CUDA), as the transformers Trainer's default
+    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=True)
+    grads = FlatGradients(params)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.train.warmup_ratio * total_steps), total_steps)
     if checkpoint is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -185,12 +238,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                      device)
         loss_value = losses[d](features, label)
         loss_value.backward()
-        average_gradients(params, world)
+        grads.average(world)
         if config.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grads.zero()
         window_loss += float(loss_value.detach())
         window_n += 1
         done = step + 1

@@ -14,7 +14,6 @@ and continues from its latest checkpoint (``ray.train.get_checkpoint()`` in the 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import tempfile
@@ -104,10 +103,9 @@ def _read_checkpoint_file(checkpoint, name: str) -> bytes:
 
 
 def _history(checkpoint) -> list[dict]:
-    import torch
+    from workflows.train.loop import HISTORY_FILE
 
-    state = torch.load(io.BytesIO(_read_checkpoint_file(checkpoint, "state.pt")), weights_only=False)
-    return state["history"]
+    return json.loads(_read_checkpoint_file(checkpoint, HISTORY_FILE))
 
 
 def run_train(config: TrainConfig, step_callback: Callable[[int, int], None] | None = None) -> dict[str, Any]:
@@ -137,7 +135,8 @@ def run_train(config: TrainConfig, step_callback: Callable[[int, int], None] | N
     info = {
         "run_name": config.run_name, "base_model": config.model.base, "num_workers": config.scaling.num_workers,
         "steps": facts["total_steps"], "checkpoint": chosen.path, "export": ck.export,
-        "checkpoint_step": chosen_metrics.get("step"), "dev_metrics": dev_metrics, "config": config.model_dump(mode="json"),
+        "checkpoint_step": chosen_metrics.get("step"), "dev_metrics": dev_metrics,
+        "config": config.model_dump(mode="json"),
         "datasets": [{"label": d.label, "rows": d.rows, "objective": item.objective.model_dump(mode="json"),
                       "weight": item.weight, "manifest": d.manifest}
                      for d, item in zip(facts["mixture"], config.datasets)],
