@@ -1,0 +1,392 @@
+"""The embeddings server: pure parts alone, then a real Serve app over real HTTP on 127.0.0.1.
+
+The app fixture (module scope) deploys two applications on one local Serve: ``main`` (two
+multiplexed models, autoscaling 1-2 replicas with fractional CPUs, API keys from a secret file)
+and ``strict`` (one replica that queues at most one request, long inputs rejected) for the
+overload and reject paths. Serve is shut down after the module.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedforge.config import build_config, load_config, load_yaml
+from embedforge.errors import ConfigError
+from workflows.serve.auth import ApiKeyAuth, load_api_keys, parse_bearer
+from workflows.serve.config import ServeConfig
+from workflows.serve.limits import RequestError, check_inputs, check_range
+from workflows.serve.schemas import EmbeddingRequest
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "test-key-7f3a"
+
+
+# ---------------------------------------------------------------- pure parts (no Ray, no model)
+
+def test_api_keys_from_env_and_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("EF_TEST_KEYS", " a1 , b2,,")
+    f = tmp_path / "keys"
+    f.write_text("# comment\nc3\n\n")
+    assert load_api_keys("EF_TEST_KEYS", f) == ["a1", "b2", "c3"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_api_keys(None, tmp_path / "missing")
+    monkeypatch.delenv("EF_TEST_KEYS")
+    with pytest.raises(ConfigError, match="holds no API keys"):
+        ApiKeyAuth.from_settings("api_keys", "EF_TEST_KEYS")
+
+
+def test_bearer_check():
+    auth = ApiKeyAuth(["k1", "k2"])
+    assert auth.check("Bearer k2") and auth.check("bearer k1")
+    for bad in (None, "", "Bearer", "Bearer k3", "Basic k1", "k1", "Bearer k1x"):
+        assert not auth.check(bad), bad
+    assert parse_bearer("Bearer  tok ") == "tok"
+    assert ApiKeyAuth(None).check(None)  # explicitly disabled
+
+
+def test_auth_disabled_logs_warning(caplog):
+    with caplog.at_level("WARNING"):
+        ApiKeyAuth.from_settings("disabled")
+    assert "AUTH DISABLED" in caplog.text
+
+
+def test_validation_helpers():
+    with pytest.raises(RequestError, match=r"dimensions=500 .* allowed 1\.\.384"):
+        check_range("dimensions", 500, 1, 384)
+    check_range("layers", None, 1, 6)
+    with pytest.raises(RequestError, match="at most 2 per request"):
+        check_inputs(["a", "b", "c"], 2)
+    with pytest.raises(RequestError, match=r"input\[1\] is an empty string"):
+        check_inputs(["a", ""], 5)
+
+
+def test_request_schema_rejects_token_arrays():
+    assert EmbeddingRequest(input="hi").texts() == ["hi"]
+    for tokens in ([1, 2, 3], [[1, 2], [3]]):
+        with pytest.raises(ValueError, match="token-id arrays are not supported"):
+            EmbeddingRequest(input=tokens)
+
+
+def test_body_limit_middleware():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from workflows.serve.limits import BodySizeLimitMiddleware
+
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(body: dict) -> dict:
+        return body
+
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=1024)
+    client = TestClient(app)
+    assert client.post("/echo", json={"a": "x" * 10}).status_code == 200
+    r = client.post("/echo", json={"a": "x" * 2000})
+    assert r.status_code == 413 and "exceeds 1024 bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the streamed body is counted
+        for _ in range(5):
+            yield b"x" * 400
+
+    assert client.post("/echo", content=chunks(), headers={"content-type": "application/json"}).status_code == 413
+
+
+def test_config_checks_and_example_configs():
+    with pytest.raises(ConfigError, match="default_model 'nope' is not in models"):
+        build_config(ServeConfig, {"default_model": "nope"})
+    with pytest.raises(ConfigError, match="min_replicas"):
+        build_config(ServeConfig, {"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
+    with pytest.raises(ConfigError, match="long_inputs"):
+        build_config(ServeConfig, {"limits": {"long_inputs": "drop"}})
+    cfg = load_config(ServeConfig, REPO / "configs" / "serve.yaml")
+    assert cfg.default_model_name == "all-minilm-l6-v2" and cfg.auth.mode == "api_keys"
+    serve_yaml = load_yaml(REPO / "configs" / "serve_embeddings.yaml")
+    (app,) = serve_yaml["applications"]
+    assert app["import_path"] == "workflows.serve.app:app_builder"
+    cfg = load_config(ServeConfig, REPO / app["args"]["config"], app["args"]["set"])
+    assert cfg.http.host == "0.0.0.0"
+
+
+# ---------------------------------------------------------------- a real Serve app over HTTP
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_local, minilm_path, tmp_path_factory):
+    from ray import serve
+
+    from embedforge.elastic import write_grid
+    from workflows.serve.app import build_app
+    from workflows.serve.run import wait_healthy
+
+    tmp = tmp_path_factory.mktemp("serve")
+    copy = tmp / "minilm-copy"
+    shutil.copytree(minilm_path, copy)
+    write_grid(copy, layers=[3, 6], dims=[128, 384])
+    keys = tmp / "api_keys"
+    keys.write_text(f"{KEY}\nsecond-key\n")
+    port = _free_port()
+    common = {"auth": {"mode": "api_keys", "api_keys_env": None, "api_keys_file": str(keys)},
+              "http": {"host": "127.0.0.1", "port": port}}
+    main = build_config(ServeConfig, {
+        **common,
+        "models": {"minilm": minilm_path, "minilm-copy": str(copy)},
+        "limits": {"max_inputs_per_request": 32, "max_body_bytes": 64 * 1024, "max_tokens_per_input": 128},
+        "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.01},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                        "upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5,
+                        "look_back_period_s": 2},
+        "model_deployment": {"num_cpus": 0.5, "torch_threads": 1, "max_ongoing_requests": 8},
+        "ingress": {"num_cpus": 0.1},
+        "serve": {"app_name": "main"},
+    })
+    strict = build_config(ServeConfig, {
+        **common,
+        "models": {"minilm": minilm_path},
+        "limits": {"max_tokens_per_input": 16, "long_inputs": "reject"},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        "model_deployment": {"num_cpus": 0.25, "torch_threads": 1, "max_ongoing_requests": 1,
+                             "max_queued_requests": 1},
+        "ingress": {"num_cpus": 0.1},
+        "serve": {"app_name": "strict"},
+        "http": {"host": "127.0.0.1", "port": port, "route_prefix": "/strict"},
+    })
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(main), name="main", route_prefix="/", blocking=False)
+        serve.run(build_app(strict), name="strict", route_prefix="/strict", blocking=False)
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, 120)
+        wait_healthy(f"{url}/strict", 120)
+        yield {"url": url, "strict": f"{url}/strict", "copy": str(copy), "minilm": minilm_path}
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server['url']}/v1", api_key=KEY, timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(minilm_path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(minilm_path, device="cpu")
+
+
+TEXTS = ["A man is playing a guitar.", "Der Hund rennt im Park.", "Serving embeddings over HTTP."]
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(1)
+
+
+@pytest.mark.timeout(300)
+def test_openai_client_float_base64_dimensions(client, reference):
+    want = reference.encode(TEXTS, normalize_embeddings=True)
+    floats = client.embeddings.create(model="minilm", input=TEXTS, encoding_format="float")
+    got = np.array([d.embedding for d in floats.data])
+    assert got.shape == (3, 384) and _cos(got, want).min() > 0.9999
+    assert [d.index for d in floats.data] == [0, 1, 2] and floats.model == "minilm"
+    lengths = [len(x) for x in reference.tokenizer(TEXTS)["input_ids"]]
+    assert floats.usage.prompt_tokens == floats.usage.total_tokens == sum(lengths)
+    b64 = client.embeddings.create(model="minilm", input=TEXTS)  # the client asks for base64 and decodes it
+    raw = client.embeddings.with_raw_response.create(model="minilm", input=TEXTS[0], encoding_format="base64")
+    decoded = np.frombuffer(base64.b64decode(raw.http_response.json()["data"][0]["embedding"]), dtype="<f4")
+    assert _cos(decoded[None], want[:1])[0] > 0.9999
+    assert _cos(np.array([d.embedding for d in b64.data]), want).min() > 0.9999
+    small = client.embeddings.create(model="minilm", input=TEXTS, dimensions=128, encoding_format="float")
+    got = np.array([d.embedding for d in small.data])
+    trunc = want[:, :128] / np.linalg.norm(want[:, :128], axis=1, keepdims=True)
+    assert got.shape == (3, 128) and np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    assert _cos(got, trunc).min() > 0.9999
+    assert small.model_extra["dimensions"] == 128 and small.model_extra["layers"] == 6
+
+
+@pytest.mark.timeout(300)
+def test_layers_early_exit_matches_embedder(client, minilm_path):
+    from actors.embedder import Embedder, EmbedderConfig
+
+    local = Embedder(EmbedderConfig(model=minilm_path, torch_threads=1))
+    want = local.encode(TEXTS, layers=3)
+    resp = client.embeddings.create(model="minilm", input=TEXTS, encoding_format="float", extra_body={"layers": 3})
+    got = np.array([d.embedding for d in resp.data])
+    assert resp.model_extra["layers"] == 3
+    assert _cos(got, want).min() > 0.9999
+    assert _cos(got, local.encode(TEXTS)).min() < 0.999  # really a different (shallower) embedding
+
+
+@pytest.mark.timeout(300)
+def test_multiplexed_second_model(client, reference):
+    resp = client.embeddings.create(model="minilm-copy", input=TEXTS, encoding_format="float")
+    assert resp.model == "minilm-copy"
+    got = np.array([d.embedding for d in resp.data])
+    assert _cos(got, reference.encode(TEXTS, normalize_embeddings=True)).min() > 0.9999
+
+
+@pytest.mark.timeout(300)
+def test_models_list_with_grids(server):
+    import httpx
+
+    r = httpx.get(f"{server['url']}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert r.status_code == 200
+    cards = {m["id"]: m["elastic"] for m in r.json()["data"]}
+    assert cards["minilm"] == {"layers": [6], "dimensions": [384], "max_layers": 6, "max_dimensions": 384,
+                               "max_tokens": 128}
+    assert cards["minilm-copy"]["layers"] == [3, 6] and cards["minilm-copy"]["dimensions"] == [128, 384]
+
+
+@pytest.mark.timeout(120)
+def test_errors_401_400_404_413(server, client):
+    import httpx
+    import openai
+
+    url = server["url"]
+    with pytest.raises(openai.AuthenticationError):
+        client.with_options(api_key="wrong").embeddings.create(model="minilm", input="x")
+    r = httpx.post(f"{url}/v1/embeddings", json={"input": "x"}, timeout=30)
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
+    with pytest.raises(openai.BadRequestError, match=r"dimensions=1000 .*allowed 1\.\.384"):
+        client.embeddings.create(model="minilm", input="x", dimensions=1000)
+    with pytest.raises(openai.BadRequestError, match=r"layers=7 .*allowed 1\.\.6"):
+        client.embeddings.create(model="minilm", input="x", extra_body={"layers": 7})
+    with pytest.raises(openai.BadRequestError, match="token-id arrays are not supported"):
+        client.embeddings.create(model="minilm", input=[[101, 2023]])
+    with pytest.raises(openai.BadRequestError, match="at most 32 per request"):
+        client.embeddings.create(model="minilm", input=["x"] * 33)
+    with pytest.raises(openai.NotFoundError, match="'nope' is not served"):
+        client.embeddings.create(model="nope", input="x")
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{url}/v1/embeddings", json={"input": ["word " * 4000] * 8}, headers=auth, timeout=30)
+    assert r.status_code == 413 and "exceeds 65536 bytes" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/embeddings", content=b"{not json", headers={**auth, "content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400
+    # Long inputs are truncated to max_tokens_per_input here, and counted as truncated.
+    r = httpx.post(f"{url}/v1/embeddings", json={"input": "word " * 1000, "model": "minilm"}, headers=auth,
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 128
+
+
+@pytest.mark.timeout(180)
+def test_reject_long_inputs_and_503_on_overload(server):
+    import httpx
+
+    url, auth = server["strict"], {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{url}/v1/embeddings", json={"input": ["short", "word " * 40]}, headers=auth, timeout=60)
+    assert r.status_code == 400 and "input[1] has 42 tokens; at most 16" in r.json()["error"]["message"]
+    body = {"input": ["a sentence to embed, once more"] * 200}
+
+    def call(_):
+        return httpx.post(f"{url}/v1/embeddings", json=body, headers=auth, timeout=120).status_code
+
+    with cf.ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(call, range(16)))
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
+
+
+@pytest.mark.timeout(120)
+def test_metrics_have_our_counters_and_ray_serve(server, client):
+    import httpx
+
+    client.embeddings.create(model="minilm", input=TEXTS)
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{server['url']}/metrics", timeout=30).text
+        if "ray_serve_" in text:
+            break
+        time.sleep(2)
+    for name in ("embedforge_serve_requests_total", "embedforge_serve_tokens_total", "embedforge_serve_batch_size",
+                 "embedforge_serve_queue_seconds", "ray_serve_"):
+        assert name in text, name
+    assert 'embedforge_serve_requests_total{model="minilm",status="200"}' in text
+
+
+@pytest.mark.timeout(300)
+def test_fuzz_openapi_no_server_errors(server):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+
+    url = server["url"]
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json", timeout=30)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    failures: list[str] = []
+    tried = 0
+    for result in schema.get_all_operations():
+        op = result.ok()
+        if op.path == "/metrics":
+            continue
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+            @given(case=op.as_strategy(generation_mode=mode))
+            def run(case):
+                resp = case.call(base_url=url, headers=headers, timeout=120)
+                if resp.status_code >= 500:
+                    failures.append(f"{op.method.upper()} {op.path} {case.body!r:.200} -> {resp.status_code} "
+                                    f"{resp.text[:200]}")
+
+            try:
+                run()
+            except Unsatisfiable:  # e.g. no negative examples for a route without inputs
+                continue
+            tried += 1
+    assert tried >= 3, "schemathesis generated nothing"
+    assert not failures, failures
+
+
+def _replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments[deployment]
+    return status.replica_states.get("RUNNING", 0)
+
+
+@pytest.mark.timeout(300)
+def test_autoscaling_up_under_load_and_down_after(server):
+    import httpx
+
+    url, auth = server["url"], {"Authorization": f"Bearer {KEY}"}
+    assert _replicas("main", "EmbeddingModel") == 1
+    stop = time.monotonic() + 90
+    peak = 1
+
+    def load(_):
+        with httpx.Client(timeout=120) as c:
+            while time.monotonic() < stop and peak < 2:
+                c.post(f"{url}/v1/embeddings", json={"input": TEXTS * 8, "model": "minilm"}, headers=auth)
+
+    with cf.ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(load, i) for i in range(12)]
+        while time.monotonic() < stop and peak < 2:
+            peak = max(peak, _replicas("main", "EmbeddingModel"))
+            time.sleep(0.5)
+        for f in futures:
+            f.result()
+    assert peak == 2, "the autoscaler did not add a replica under load"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and _replicas("main", "EmbeddingModel") > 1:
+        time.sleep(1)
+    assert _replicas("main", "EmbeddingModel") == 1, "the autoscaler did not remove the idle replica"

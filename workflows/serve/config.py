@@ -1,0 +1,124 @@
+"""ServeConfig: what the embeddings server serves, its limits, batching, autoscaling and auth.
+
+Pure (no Ray import), so ``python -m jobs.serve --dry-run`` and config tests are instant.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from embedforge.config import StrictModel
+from embedforge.runtime import RayConfig
+
+
+class LimitsConfig(StrictModel):
+    """Per-request bounds; together they bound memory (inputs x tokens) so a request cannot OOM a replica."""
+
+    max_inputs_per_request: int = Field(256, ge=1, le=65536, description="Most strings in one `input` list (more: 400)")
+    max_tokens_per_input: int = Field(256, ge=8, le=32768,
+                                      description="Most tokens per input; also capped by the model's max_seq_length")
+    long_inputs: Literal["truncate", "reject"] = Field(
+        "truncate", description="Inputs longer than max_tokens_per_input: truncate them, or answer 400")
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest request body in bytes (more: 413)")
+
+
+class BatchingConfig(StrictModel):
+    """Dynamic batching in each model replica (``@serve.batch``), counted in sentences."""
+
+    max_batch_size: int = Field(64, ge=1, le=4096, description="Most sentences in one forward batch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long a partial batch waits for more")
+    encode_batch_size: int = Field(64, ge=1, le=4096, description="Sentences per torch forward pass inside a batch")
+    max_models_per_replica: int = Field(3, ge=1, le=64,
+                                        description="Models one replica keeps loaded (least recently used evicted)")
+
+
+class AutoscalingConfig(StrictModel):
+    """Serve ``autoscaling_config`` of the model deployment."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest model replicas")
+    max_replicas: int = Field(2, ge=1, description="Most model replicas")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at start; None: min_replicas")
+    target_ongoing_requests: float = Field(4, gt=0, description="Ongoing requests per replica the autoscaler aims at")
+    upscale_delay_s: float = Field(5, ge=0, description="Load must stay high this long before scaling up")
+    downscale_delay_s: float = Field(30, ge=0, description="Load must stay low this long before scaling down")
+    metrics_interval_s: float = Field(2, gt=0, description="How often replicas report load")
+    look_back_period_s: float = Field(5, gt=0, description="Window over which load is averaged")
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class DeploymentConfig(StrictModel):
+    """Replica resources and back-pressure of one deployment."""
+
+    num_cpus: float = Field(1, gt=0, description="CPUs per replica (fractional allowed, e.g. 0.5)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica; the model runs on cuda when it gets one")
+    torch_threads: int | None = Field(None, ge=1, description="torch threads per model replica; None: ceil(num_cpus)")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on at once")
+    max_queued_requests: int = Field(256, ge=-1,
+                                     description="Requests queued per caller before 503 (-1: unbounded; avoid)")
+
+
+class AuthConfig(StrictModel):
+    """Bearer API keys. Keys come from the environment or a secret file, never from configs or logs."""
+
+    mode: Literal["api_keys", "disabled"] = Field(
+        "api_keys", description="'disabled' turns auth off (local use only; logged loudly at start)")
+    api_keys_env: str | None = Field("EMBEDFORGE_API_KEYS",
+                                     description="Environment variable holding comma-separated keys")
+    api_keys_file: str | None = Field(None, description="Secret file with one key per line (e.g. a mounted Secret)")
+
+
+class HttpConfig(StrictModel):
+    host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds ('0.0.0.0' in a cluster)")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port of the Serve proxy")
+    route_prefix: str = Field("/", description="Route prefix of the application")
+
+
+class ServeSection(StrictModel):
+    """How the job runs the server."""
+
+    app_name: str = Field("embeddings", description="Serve application name")
+    blocking: bool = Field(True, description="Block until SIGINT/SIGTERM; false: start, print the URL and return")
+    startup_timeout_s: float = Field(300, gt=0, description="Give up when the app is not healthy by then")
+
+
+class ServeConfig(StrictModel):
+    """Serve sentence embeddings over an OpenAI-compatible API with Ray Serve."""
+
+    models: dict[str, str] = Field(
+        default_factory=lambda: {"all-minilm-l6-v2": "all-minilm-l6-v2"},
+        description="Served model name -> source (packaged short name, local folder, s3:// folder, hub id)")
+    default_model: str | None = Field(None, description="Model used when a request names none; None: the first")
+    normalize: bool = Field(True, description="L2-normalize embeddings")
+    limits: LimitsConfig = LimitsConfig()
+    batching: BatchingConfig = BatchingConfig()
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+    model_deployment: DeploymentConfig = DeploymentConfig()
+    ingress: DeploymentConfig = Field(
+        DeploymentConfig(num_cpus=0.25, max_ongoing_requests=256, max_queued_requests=1024),
+        description="The FastAPI ingress replica (one; light)")
+    auth: AuthConfig = AuthConfig()
+    http: HttpConfig = HttpConfig()
+    serve: ServeSection = ServeSection()
+    ray: RayConfig = RayConfig()
+    output: str | None = Field(None, description="URI where the job commits endpoint.json (URL, models); None: none")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if not self.models:
+            raise ValueError("models: serve at least one model, e.g. models: {minilm: all-minilm-l6-v2}")
+        if self.default_model is not None and self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not in models ({', '.join(self.models)})")
+        if self.auth.mode == "api_keys" and not (self.auth.api_keys_env or self.auth.api_keys_file):
+            raise ValueError("auth: set api_keys_env or api_keys_file, or mode: disabled for local use")
+        return self
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model or next(iter(self.models))

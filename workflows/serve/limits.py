@@ -1,0 +1,129 @@
+"""Request limits for HTTP services: a body-size ASGI middleware (413) and validation helpers (400).
+
+Pure (no Ray, no model). :class:`RequestError` carries the HTTP status and the offending field;
+the app turns it into an OpenAI-style error body with :func:`error_body`.
+Hand-written body limit because Starlette/uvicorn have none per app: it checks
+``Content-Length`` first and also counts streamed (chunked) bodies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from embedforge.errors import InputError
+
+
+class RequestError(InputError):
+    """A request the server refuses, with the HTTP status to answer and the field at fault."""
+
+    def __init__(self, message: str, status_code: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.param = param
+        self.code = code
+
+    def __reduce__(self):  # keep status/param/code when Ray ships the error between replicas
+        return (type(self), (self.message, self.status_code, self.param, self.code))
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                413: "invalid_request_error", 422: "invalid_request_error", 503: "server_overloaded"}
+
+
+def error_body(status_code: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": _ERROR_TYPES.get(status_code, "server_error"),
+                      "param": param, "code": code}}
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimitMiddleware:
+    """ASGI middleware answering 413 when a request body exceeds ``max_body_bytes``."""
+
+    def __init__(self, app: Any, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def _reject(self, send: Any) -> None:
+        body = json.dumps(error_body(413, f"request body exceeds {self.max_body_bytes} bytes; send fewer or "
+                                          "shorter inputs", code="body_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_body_bytes:
+                    await self._reject(send)
+                    return
+        seen = 0
+        too_large = False
+        replied = False
+
+        async def limited_receive() -> dict:
+            nonlocal seen, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    too_large = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            # Frameworks may turn the read error into their own answer (FastAPI: 400); replace it.
+            nonlocal replied
+            if too_large:
+                if not replied and message["type"] == "http.response.start":
+                    replied = True
+                    await self._reject(send)
+                return
+            replied = replied or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            if not replied:
+                await self._reject(send)
+
+
+def check_range(param: str, value: int | None, low: int, high: int, what: str = "") -> None:
+    """400 naming ``param`` and the allowed range when ``value`` is outside [low, high]."""
+    if value is not None and not low <= value <= high:
+        raise RequestError(f"{param}={value} is out of range for {what or 'this model'}: allowed {low}..{high}",
+                           param=param, code="out_of_range")
+
+
+def check_inputs(texts: Sequence[str], max_inputs: int) -> None:
+    """400 for an empty list, too many inputs, or empty strings (OpenAI rejects those too)."""
+    if not texts:
+        raise RequestError("input must not be empty: send a string or a non-empty list of strings", param="input")
+    if len(texts) > max_inputs:
+        raise RequestError(f"input has {len(texts)} items; at most {max_inputs} per request (split the request)",
+                           param="input", code="too_many_inputs")
+    for i, t in enumerate(texts):
+        if not t:
+            raise RequestError(f"input[{i}] is an empty string; every input must contain text", param="input")
+
+
+def check_token_lengths(lengths: Sequence[int], max_tokens: int) -> None:
+    """400 naming the first input longer than ``max_tokens`` (for ``long_inputs: reject``)."""
+    for i, n in enumerate(lengths):
+        if n > max_tokens:
+            raise RequestError(f"input[{i}] has {n} tokens; at most {max_tokens} per input (shorten it, or run the "
+                               "server with limits.long_inputs=truncate)", param="input", code="input_too_long")

@@ -1,0 +1,165 @@
+"""The model deployment: multiplexed embedders with dynamic batching grouped by (model, layers).
+
+* Model multiplexing (``@serve.multiplexed``): the served model name arrives as the request's
+  multiplexed model id; the replica loads that model's folder (local or ``s3://``) on first use
+  and keeps the ``max_models_per_replica`` most recently used. Serve routes requests for a model
+  to replicas that already hold it.
+* Dynamic batching (``@serve.batch``, sized in sentences): requests are split into chunks of at
+  most ``max_batch_size`` sentences, queued, and each batch is grouped by (model, layers) -- the
+  two things that change the forward pass. ``dimensions`` is a cheap slice after the pass, so
+  requests with different dimensions share one forward batch.
+* Limits: the token length of every input is measured before queueing; long inputs are
+  truncated (counted as truncated) or rejected with 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from workflows.serve.config import ServeConfig
+from workflows.serve.limits import RequestError, check_range, check_token_lengths
+
+log = logging.getLogger(__name__)
+
+
+def _chunks(texts: list[str], size: int) -> list[list[str]]:
+    return [texts[i:i + size] for i in range(0, len(texts), size)]
+
+
+def _sentences(items: list[tuple]) -> int:
+    return sum(len(item[1]) for item in items)
+
+
+def model_info(name: str, embedder: Any, max_tokens: int) -> dict[str, Any]:
+    """What ``/v1/models`` shows: the elastic grid, or the full depth/width when the model has none."""
+    grid = embedder.grid or {}
+    return {
+        "id": name,
+        "max_layers": embedder.num_layers,
+        "max_dimensions": embedder.dimension,
+        "layers": list(grid.get("layers") or [embedder.num_layers]),
+        "dimensions": list(grid.get("dims") or [embedder.dimension]),
+        "max_tokens": max_tokens,
+    }
+
+
+def make_model_server(config: ServeConfig) -> type:
+    """The model deployment class for ``config`` (decorator arguments come from the config)."""
+    from ray import serve
+
+    batching = config.batching
+
+    class EmbeddingModelServer:
+        def __init__(self, config_data: dict[str, Any]):
+            import torch
+
+            self.config = ServeConfig.model_validate(config_data)
+            threads = self.config.model_deployment.torch_threads or max(1, math.ceil(
+                self.config.model_deployment.num_cpus))
+            torch.set_num_threads(threads)
+            self._batched.set_max_batch_size(self.config.batching.max_batch_size)
+            self._batched.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
+
+        @serve.multiplexed(max_num_models_per_replica=batching.max_models_per_replica)
+        async def get_model(self, model_id: str) -> Any:
+            from actors.embedder import Embedder, EmbedderConfig
+
+            source = self.config.models.get(model_id)
+            if source is None:
+                raise RequestError(f"model {model_id!r} is not served; served: {', '.join(self.config.models)}",
+                                   status_code=404, param="model", code="model_not_found")
+            started = time.monotonic()
+            import ray
+
+            device = "cuda" if ray.get_gpu_ids() else "cpu"  # GPUs given to this replica (ray_actor_options)
+            embedder = await asyncio.to_thread(Embedder, EmbedderConfig(
+                model=source, device=device, batch_size=self.config.batching.encode_batch_size, normalize=self.config.normalize,
+                num_cpus=self.config.model_deployment.num_cpus,
+                torch_threads=self.config.model_deployment.torch_threads))
+            native = embedder.model.max_seq_length or self.config.limits.max_tokens_per_input
+            embedder.model.max_seq_length = min(native, self.config.limits.max_tokens_per_input)
+            log.info("loaded model %s from %s in %.1fs (%d layers, %d dims, max %d tokens)", model_id,
+                     embedder.model_path, time.monotonic() - started, embedder.num_layers, embedder.dimension,
+                     embedder.model.max_seq_length)
+            return embedder
+
+        async def info(self) -> dict[str, Any]:
+            model_id = serve.get_multiplexed_model_id()
+            embedder = await self.get_model(model_id)
+            return model_info(model_id, embedder, embedder.model.max_seq_length)
+
+        def _token_lengths(self, embedder: Any, texts: list[str]) -> list[int]:
+            max_tokens = embedder.model.max_seq_length
+            if self.config.limits.long_inputs == "reject":
+                raw = [len(ids) for ids in embedder.model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+                check_token_lengths(raw, max_tokens)
+                return raw
+            return embedder.tokenize_lengths(texts)
+
+        async def embed(self, texts: list[str], dimensions: int | None = None,
+                        layers: int | None = None) -> dict[str, Any]:
+            """Embeddings [n, dims] float32 plus usage and what the batches looked like."""
+            model_id = serve.get_multiplexed_model_id()
+            embedder = await self.get_model(model_id)
+            check_range("dimensions", dimensions, 1, embedder.dimension, f"model {model_id!r}")
+            check_range("layers", layers, 1, embedder.num_layers, f"model {model_id!r}")
+            lengths = self._token_lengths(embedder, texts)
+            enqueued = time.monotonic()
+            parts = await asyncio.gather(*(
+                self._batched((model_id, chunk, layers, enqueued))
+                for chunk in _chunks(texts, self.config.batching.max_batch_size)))
+            emb = np.concatenate([p["embeddings"] for p in parts])
+            if dimensions is not None and dimensions < emb.shape[1]:
+                from embedforge.elastic import truncate_dims
+
+                emb = truncate_dims(emb, dimensions, normalize=self.config.normalize)
+            return {
+                "embeddings": np.ascontiguousarray(emb, dtype=np.float32),
+                "prompt_tokens": int(sum(lengths)),
+                "dimensions": int(emb.shape[1]),
+                "layers": int(layers or embedder.num_layers),
+                "batch_sizes": [p["batch_size"] for p in parts],
+                "queue_s": max(p["queue_s"] for p in parts),
+            }
+
+        @serve.batch(max_batch_size=batching.max_batch_size, batch_wait_timeout_s=batching.batch_wait_timeout_s,
+                     batch_size_fn=_sentences)
+        async def _batched(self, items: list[tuple]) -> list[dict[str, Any]]:
+            started = time.monotonic()
+            total = _sentences(items)
+            groups: dict[tuple[str, int | None], list[int]] = defaultdict(list)
+            for i, (model_id, _texts, layers, _t) in enumerate(items):
+                groups[(model_id, layers)].append(i)
+            results: list[dict[str, Any] | None] = [None] * len(items)
+            for (model_id, layers), members in groups.items():
+                embedder = await self.get_model(model_id)
+                texts = [t for i in members for t in items[i][1]]
+                emb = await asyncio.to_thread(embedder.encode, texts, None, layers)
+                offset = 0
+                for i in members:
+                    n = len(items[i][1])
+                    results[i] = {"embeddings": emb[offset:offset + n], "batch_size": total,
+                                  "queue_s": started - items[i][3]}
+                    offset += n
+            return results  # type: ignore[return-value]
+
+        def check_health(self) -> None:
+            """Serve's health check: the replica is alive while its event loop answers."""
+
+    return EmbeddingModelServer
+
+
+def unwrap_error(err: BaseException) -> BaseException:
+    """The user-level exception behind a Ray task error (Ray wraps replica exceptions)."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+__all__ = ["make_model_server", "model_info", "unwrap_error", "RequestError"]

@@ -1,0 +1,96 @@
+"""Start the embeddings application on Ray Serve and (optionally) block until a signal.
+
+``run_serve(config)`` starts or joins Ray (:func:`embedforge.runtime.init_ray`), starts Serve's
+HTTP proxy on ``http.host:http.port``, deploys :func:`workflows.serve.app.build_app`, waits until
+it answers ``/healthz``, commits ``endpoint.json`` under ``output`` (when set) and returns a
+summary. With ``serve.blocking`` it then waits for SIGINT/SIGTERM and shuts Serve down; without,
+it returns at once and the application keeps running as long as this process's Ray does (on a
+cluster: until ``serve shutdown``).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import urllib.request
+from typing import Any
+
+from embedforge.errors import EngineError
+from workflows.serve.config import ServeConfig
+
+log = logging.getLogger(__name__)
+
+
+def endpoint_url(config: ServeConfig, port: int | None = None) -> str:
+    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
+    prefix = config.http.route_prefix.rstrip("/")
+    return f"http://{host}:{port or config.http.port}{prefix}"
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    """Poll ``{url}/healthz`` until it answers 200 (EngineError after ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as resp:  # noqa: S310 (our own server)
+                if resp.status == 200:
+                    return
+        except OSError as e:
+            last = e
+        time.sleep(0.5)
+    raise EngineError(f"embeddings server at {url} not healthy after {timeout_s:.0f}s (last error: {last}); "
+                      "see the Serve logs under the Ray session folder")
+
+
+def deploy(config: ServeConfig) -> str:
+    """Start Serve's proxy and deploy the app on an already running Ray; return the base URL."""
+    from ray import serve
+
+    from embedforge.runtime import check_resources
+    from workflows.serve.app import build_app
+
+    check_resources(config.model_deployment.num_cpus, config.model_deployment.num_gpus, "serve.model_deployment",
+                    config.ray.fail_fast_on_missing_gpus)
+    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.run(build_app(config), name=config.serve.app_name, route_prefix=config.http.route_prefix,
+              blocking=False)
+    url = endpoint_url(config)
+    wait_healthy(url, config.serve.startup_timeout_s)
+    return url
+
+
+def run_serve(config: ServeConfig) -> dict[str, Any]:
+    from embedforge import storage
+    from embedforge.runtime import init_ray
+
+    init_ray(config.ray)
+    url = deploy(config)
+    summary: dict[str, Any] = {
+        "url": url, "embeddings": f"{url}/v1/embeddings", "models": list(config.models),
+        "default_model": config.default_model_name, "auth": config.auth.mode, "app": config.serve.app_name,
+        "output": config.output,
+    }
+    if config.output:
+        storage.write_json(storage.join(config.output, "endpoint.json"), summary)
+        summary["manifest"] = storage.commit(config.output, {"kind": "serve", "files": ["endpoint.json"],
+                                                             "url": url, "models": list(config.models)})
+    log.info("embeddings server ready at %s (models: %s)", url, ", ".join(config.models))
+    if config.serve.blocking:
+        block_until_signal(config.serve.app_name)
+    return summary
+
+
+def block_until_signal(app_name: str) -> None:
+    """Wait for SIGINT/SIGTERM, then shut Serve down."""
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    log.info("signal received: shutting down Serve (application %s)", app_name)
+    serve.shutdown()
