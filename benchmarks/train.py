@@ -61,7 +61,7 @@ def single_process(config, threads: int, warmup: int) -> float:
     objective = config.datasets[0].objective
     loss_fn = build_loss(objective, model)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.train.lr)
+    opt = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=True)
     t0 = None
     for step, (d, count) in enumerate(one.plan(0, config.train.max_steps)):
         if step == warmup:

@@ -68,6 +68,20 @@ def test_incompatible_loss_and_data_names_dataset_and_columns():
         check_item("n", nulls, ["anchor"], "mnrl", 2)
 
 
+def test_reward_feedback_rows_pivot_to_kl_distill_rows():
+    from workflows.train.mixture import pivot_feedback
+
+    long = pa.table({"qid": ["q1", "q1", "q1", "q2", "q2", "q3"], "question": ["a?", "a?", "a?", "b?", "b?", "c?"],
+                     "passage": ["p2", "p0", "p1", "r1", "r0", "s0"], "rank": [2, 0, 1, 1, 0, 0],
+                     "teacher_prob": [0.2, 0.5, 0.3, 0.4, 0.6, 1.0]})
+    wide, dropped = pivot_feedback(long, 2)
+    assert dropped == 1  # q3 has one passage
+    assert wide.column("query").to_pylist() == ["a?", "b?"]
+    assert wide.column("candidate_1").to_pylist() == ["p0", "r0"]
+    assert wide.column("candidate_2").to_pylist() == ["p1", "r1"]
+    np.testing.assert_allclose(wide.column("teacher_probs").to_pylist()[0], [0.625, 0.375])
+
+
 def test_schedule_splits_each_global_batch_across_ranks_and_covers_an_epoch():
     s = Schedule(sizes=(40, 12), weights=(1.0, 1.0), mode="round_robin", batch_size=2, world_size=2, seed=3)
     plan = s.plan(0, 8)

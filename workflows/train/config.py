@@ -43,6 +43,8 @@ class MixtureItem(StrictModel):
     dataset: DatasetSpec | str = Field(
         description="A DatasetSpec (named dataset, split, limit), or the URI of a committed output of the "
                     "synthesize or reward stage (its `data` rows)")
+    output: str = Field("data", description="For a committed stage output: which sub-output to read "
+                                             "(synthesize: data; reward: sts_teacher, or feedback for kl_distill)")
     objective: ObjectiveConfig = Field(description="Loss for this dataset, tagged by `kind`")
     weight: float = Field(1.0, gt=0, description="Share of steps in proportional mode")
     name: str | None = Field(None, description="Name in logs and the model card; default: source and split")

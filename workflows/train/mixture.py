@@ -61,14 +61,47 @@ def load_item(item: MixtureItem) -> tuple[pa.Table, dict[str, Any]]:
                              "use a pairs, triplets or scored-pairs source")
         return df.to_arrow(), {"source": item.dataset.model_dump(mode="json")}
     manifest = storage.read_manifest(item.dataset)
-    try:
-        table = storage.read_output(item.dataset, "data")
-    except Exception as e:  # StorageError, or a non-sharded committed output
-        if "files" not in manifest:
-            raise InputError(f"dataset {item.label}: {item.dataset} is committed but lists no data "
-                             f"(`outputs.data` or `files`) in its manifest") from e
+    if item.output in manifest.get("outputs", {}):
+        table = storage.read_output(item.dataset, item.output)
+    elif "files" in manifest and item.output == "data":
         table = storage.read_committed_table(item.dataset)
-    return table, {"uri": item.dataset, "manifest": manifest}
+    else:
+        raise InputError(f"dataset {item.label}: {item.dataset} has no sub-output {item.output!r}; its manifest "
+                         f"lists {sorted(manifest.get('outputs', {}))}; set `output` to one of them")
+    info = {"uri": item.dataset, "output": item.output, "manifest": manifest}
+    if item.objective.kind == "kl_distill" and FEEDBACK_COLUMNS <= set(table.column_names) \
+            and "query" not in table.column_names:
+        table, dropped = pivot_feedback(table, item.objective.num_candidates)
+        info["pivot"] = {"queries": table.num_rows, "dropped_queries_too_few_candidates": dropped}
+        if dropped:
+            log.warning("dataset %s: %d queries have fewer than %d candidates and are not trained on",
+                        item.label, dropped, item.objective.num_candidates)
+    return table, info
+
+
+FEEDBACK_COLUMNS = {"qid", "question", "passage", "rank", "teacher_prob"}
+
+
+def pivot_feedback(table: pa.Table, k: int) -> tuple[pa.Table, int]:
+    """Reward feedback rows (one per query x passage) -> one row per query with its first ``k``
+    passages by rank (``candidate_1..k``) and their teacher probabilities renormalized over those ``k``.
+
+    Returns the wide table and the number of queries dropped for having fewer than ``k`` passages.
+    """
+    import polars as pl
+
+    df = pl.from_arrow(table).sort(["qid", "rank"]).group_by("qid", maintain_order=True).head(k)
+    counts = df.group_by("qid").len()
+    short = counts.filter(pl.col("len") < k)["qid"]
+    df = df.filter(~pl.col("qid").is_in(short.implode()))
+    wide = df.group_by("qid", maintain_order=True).agg(
+        pl.col("question").first().alias("query"), pl.col("passage"), pl.col("teacher_prob"))
+    probs = wide["teacher_prob"].to_list()
+    out = {"query": wide["query"].to_list()}
+    for i in range(k):
+        out[f"candidate_{i + 1}"] = [p[i] for p in wide["passage"].to_list()]
+    out["teacher_probs"] = [[v / max(sum(row), 1e-12) for v in row] for row in probs]
+    return pa.table(out), short.len()
 
 
 def check_item(label: str, table: pa.Table, columns: list[str], objective_kind: str, global_batch: int) -> None:
