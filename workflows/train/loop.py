@@ -155,13 +155,14 @@ def dev_metric(model, dev: dict | None, batch_size: int) -> float | None:
     return float(results[evaluator.primary_metric])
 
 
-def broadcast_float(value: float | None, world_size: int) -> float | None:
+def broadcast_float(value: float | None, world_size: int, device=None) -> float | None:
     import torch
     import torch.distributed as dist
 
     if world_size == 1:
         return value
-    t = torch.tensor([float("nan") if value is None else value], dtype=torch.float64)
+    # NCCL broadcasts only device tensors; gloo takes either
+    t = torch.tensor([float("nan") if value is None else value], dtype=torch.float64, device=device)
     dist.broadcast(t, src=0)
     return None if t.isnan().item() else float(t.item())
 
@@ -265,7 +266,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window_t = time.perf_counter()
             continue
         score = dev_metric(model, dev, config.dev.batch_size) if rank == 0 else None
-        score = broadcast_float(score, world)
+        score = broadcast_float(score, world, device)
         if score is not None:
             metrics["dev_spearman"] = score
         history.append(metrics)
