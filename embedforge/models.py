@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "EMBEDFORGE_MODEL_CACHE"
 COMPLETE = ".complete"
+# Bump when an importer changes what it writes, so cached folders built before are rebuilt.
+# 2: GGUF tokenizers keep the header's add_bos_token (Gemma prompts start with <bos>).
+BUILD_FORMAT = 2
 LOCK_TIMEOUT_S = 3600.0
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
@@ -150,7 +153,7 @@ def model_dir(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def is_built(name: str, cache_dir: str | os.PathLike | None = None) -> bool:
-    return _is_complete(model_dir(name, cache_dir))
+    return _is_current(model_dir(name, cache_dir))
 
 
 def _packaged(name: str) -> PackagedModel:
@@ -162,6 +165,16 @@ def _packaged(name: str) -> PackagedModel:
 
 def _is_complete(target: Path) -> bool:
     return (target / COMPLETE).is_file()
+
+
+def _is_current(target: Path) -> bool:
+    """A complete packaged-model folder built by the current importers."""
+    if not _is_complete(target):
+        return False
+    try:
+        return json.loads((target / COMPLETE).read_text()).get("format") == BUILD_FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def _atomic_build(
@@ -203,7 +216,8 @@ def build_model(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Build the packaged model ``name`` into the cache once; return its folder."""
     model = _packaged(name)
     target = cache_root(cache_dir) / model.name
-    return _atomic_build(target, model.build, {"name": model.name, "kind": model.kind, "packages": model.versions()})
+    marker = {"name": model.name, "kind": model.kind, "packages": model.versions(), "format": BUILD_FORMAT}
+    return _atomic_build(target, model.build, marker, is_fresh=_is_current)
 
 
 def _resolve_s3(uri: str, cache_dir: str | os.PathLike | None) -> Path:

@@ -224,6 +224,7 @@ def test_smollm2_folder_matches_its_gguf_and_keeps_the_chat_template():
     ours, ref = _gguf_argmax_matches(folder, gguf, "The capital of France is")
     assert ours == ref
     assert tok.decode([ours]).strip() == "Paris"
+    assert tok("x").input_ids[0] != tok.bos_token_id  # SmolLM2's GGUF says: no BOS
 
 
 @pytest.mark.slow
@@ -238,6 +239,10 @@ def test_gemma_folder_matches_its_gguf(tmp_path):
     gguf = concat_parts(parts, tmp_path / "gemma.gguf")
     ours, ref = _gguf_argmax_matches(folder, gguf, "The capital of France is")
     assert ours == ref
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok("x").input_ids[0] == tok.bos_token_id  # Gemma's GGUF says: prompts start with <bos>
 
 
 # ---------------------------------------------------------------- CLI

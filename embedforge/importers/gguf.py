@@ -42,6 +42,16 @@ def gguf_metadata_string(path: Path, key: str) -> str | None:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
+def gguf_metadata_bool(path: Path, key: str) -> bool | None:
+    """A boolean field of the GGUF header (e.g. ``tokenizer.ggml.add_bos_token``), or None."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get(key)
+    if field is None:
+        return None
+    return bool(field.parts[field.data[0]][0])
+
+
 def import_gguf(gguf_file: str | Path, dest: str | Path, dtype: str = "bfloat16") -> Path:
     """Write a transformers folder (safetensors, tokenizer, configs) for ``gguf_file`` into ``dest``."""
     import torch
@@ -52,6 +62,11 @@ def import_gguf(gguf_file: str | Path, dest: str | Path, dtype: str = "bfloat16"
         raise InputError(f"{gguf_file}: GGUF file not found")
     folder, name = str(gguf_file.parent), gguf_file.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # The GGUF header says whether prompts start with BOS (Gemma: yes). transformers' GGUF
+    # tokenizer conversion drops that flag; without BOS Gemma's outputs degrade badly.
+    add_bos = gguf_metadata_bool(gguf_file, "tokenizer.ggml.add_bos_token")
+    if add_bos is not None and add_bos != bool(tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, add_bos_token=add_bos)
     if not getattr(tokenizer, "chat_template", None):
         template = gguf_metadata_string(gguf_file, "tokenizer.chat_template")
         if template:
