@@ -284,6 +284,8 @@ def test_rayservice_serves_the_repo_serve_applications(monkeypatch):
         serve_config = yaml.safe_load(svc["spec"]["serveConfigV2"])
         ServeDeploySchema.model_validate(serve_config)
         apps = {a["name"]: a for a in serve_config["applications"]}
+        prefixes = [a.get("route_prefix", "/") for a in serve_config["applications"]]
+        assert len(set(prefixes)) == len(prefixes), f"{where}: apps share a route_prefix {prefixes}"
         assert set(apps) == set(repo_apps), f"{where}: applications {sorted(apps)} != repo {sorted(repo_apps)}"
         for name, app in apps.items():
             cluster_only = {k: v for k, v in app.items() if k != "deployments"}
