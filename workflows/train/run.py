@@ -116,6 +116,8 @@ def run_train(config: TrainConfig, step_callback: Callable[[int, int], None] | N
 
     init_ray(config.ray)
     trainer, facts = build_trainer(config, step_callback)
+    # a rerun rewrites model/ and the curve: the output stops looking complete until the new commit
+    storage.delete(storage.manifest_uri(config.output))
     try:
         result = trainer.fit()
     except TrainingFailedError as e:
