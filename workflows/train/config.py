@@ -45,6 +45,9 @@ class MixtureItem(StrictModel):
                     "synthesize or reward stage (its `data` rows)")
     output: str = Field("data", description="For a committed stage output: which sub-output to read "
                                              "(synthesize: data; reward: sts_teacher, or feedback for kl_distill)")
+    kind: Literal["scored_pairs", "nli_triplets"] | None = Field(
+        None, description="For a committed stage output whose rows mix kinds (synthesize writes scored pairs "
+                          "and NLI triplets into one `data` output, with a `kind` column): train on this kind only")
     objective: ObjectiveConfig = Field(description="Loss for this dataset, tagged by `kind`")
     weight: float = Field(1.0, gt=0, description="Share of steps in proportional mode")
     name: str | None = Field(None, description="Name in logs and the model card; default: source and split")

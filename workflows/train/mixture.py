@@ -69,6 +69,14 @@ def load_item(item: MixtureItem) -> tuple[pa.Table, dict[str, Any]]:
         raise InputError(f"dataset {item.label}: {item.dataset} has no sub-output {item.output!r}; its manifest "
                          f"lists {sorted(manifest.get('outputs', {}))}; set `output` to one of them")
     info = {"uri": item.dataset, "output": item.output, "manifest": manifest}
+    if item.kind is not None:
+        if "kind" not in table.column_names:
+            raise InputError(f"dataset {item.label}: `kind: {item.kind}` filters rows by their `kind` column, "
+                             f"but {item.dataset} has none (columns {table.column_names}); remove `kind`")
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.equal(table.column("kind"), item.kind))
+        info["kind"] = item.kind
     if item.objective.kind == "kl_distill" and FEEDBACK_COLUMNS <= set(table.column_names) \
             and "query" not in table.column_names:
         table, dropped = pivot_feedback(table, item.objective.num_candidates)
