@@ -162,8 +162,9 @@ def bench_infinity(binary, model_path, texts, levels, n):
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"infinity exited with {proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
+            try:  # /health lives at the root or under --url-prefix depending on the version
+                if any(httpx.get(f"http://127.0.0.1:{port}{p}/health", timeout=2).status_code == 200
+                       for p in ("", "/v1")):
                     break
             except httpx.HTTPError:
                 pass

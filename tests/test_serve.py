@@ -67,6 +67,8 @@ def test_validation_helpers():
         check_inputs(["a", "b", "c"], 2)
     with pytest.raises(RequestError, match=r"input\[1\] is an empty string"):
         check_inputs(["a", ""], 5)
+    with pytest.raises(RequestError, match="not valid Unicode"):
+        check_inputs(["\ud800"], 5)
 
 
 def test_request_schema_rejects_token_arrays():

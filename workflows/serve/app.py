@@ -144,6 +144,9 @@ def make_fastapi_app(config: ServeConfig) -> tuple[Any, type]:
             except RequestError as e:
                 status = e.status_code
                 raise
+            except Exception:
+                status = 500
+                raise
             finally:
                 label = name if name in self.config.models else "unknown"
                 self.metrics.requests.labels(label, str(status)).inc()

@@ -119,6 +119,10 @@ def check_inputs(texts: Sequence[str], max_inputs: int) -> None:
     for i, t in enumerate(texts):
         if not t:
             raise RequestError(f"input[{i}] is an empty string; every input must contain text", param="input")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates ("\ud800") are valid JSON but not text
+            raise RequestError(f"input[{i}] is not valid Unicode text (lone surrogate)", param="input") from None
 
 
 def check_token_lengths(lengths: Sequence[int], max_tokens: int) -> None:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import math
 import time
@@ -85,6 +86,9 @@ def make_model_server(config: ServeConfig) -> type:
                 torch_threads=self.config.model_deployment.torch_threads))
             native = embedder.model.max_seq_length or self.config.limits.max_tokens_per_input
             embedder.model.max_seq_length = min(native, self.config.limits.max_tokens_per_input)
+            # Token counting runs on the event loop while encode runs in a worker thread; a fast
+            # tokenizer's padding/truncation state is shared, so counting gets its own copy.
+            embedder.counting_tokenizer = copy.deepcopy(embedder.model.tokenizer)
             log.info("loaded model %s from %s in %.1fs (%d layers, %d dims, max %d tokens)", model_id,
                      embedder.model_path, time.monotonic() - started, embedder.num_layers, embedder.dimension,
                      embedder.model.max_seq_length)
@@ -97,11 +101,13 @@ def make_model_server(config: ServeConfig) -> type:
 
         def _token_lengths(self, embedder: Any, texts: list[str]) -> list[int]:
             max_tokens = embedder.model.max_seq_length
+            tok = embedder.counting_tokenizer
             if self.config.limits.long_inputs == "reject":
-                raw = [len(ids) for ids in embedder.model.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+                raw = [len(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
                 check_token_lengths(raw, max_tokens)
                 return raw
-            return embedder.tokenize_lengths(texts)
+            ids = tok(texts, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"]
+            return [len(x) for x in ids]
 
         async def embed(self, texts: list[str], dimensions: int | None = None,
                         layers: int | None = None) -> dict[str, Any]:
