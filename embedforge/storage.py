@@ -113,6 +113,8 @@ def read_bytes(uri: str) -> bytes:
             return f.read()
     except FileNotFoundError as e:
         raise StorageError(f"{uri}: not found") from e
+    except OSError as e:
+        raise StorageError(f"{uri}: cannot read ({e})") from e
 
 
 def write_json(uri: str, obj: Any) -> None:

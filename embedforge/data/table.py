@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedforge import schemas as S
-from embedforge.errors import InputError, StorageError
-from embedforge.storage import resolve
+from embedforge.errors import InputError
+from embedforge.storage import read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +122,6 @@ def check_rows(records: list[tuple[int, Any]], schema: pa.Schema) -> LoadResult:
     return LoadResult(rows, pl.DataFrame(bad, schema=_BAD_SCHEMA))
 
 
-def _read(uri: str) -> bytes:
-    fs, path = resolve(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except FileNotFoundError as e:
-        raise StorageError(f"{uri}: not found") from e
-    except OSError as e:
-        raise StorageError(f"{uri}: cannot read ({e})") from e
-
-
 def _jsonl_records(uri: str, data: bytes) -> tuple[list[tuple[int, Any]], list[tuple[int, str, str]], list[str]]:
     try:
         text = data.decode("utf-8")
@@ -157,7 +146,7 @@ def load_table(uri: str, kind: str) -> LoadResult:
     """Read ``uri`` (Parquet or JSONL) holding rows of ``kind`` (a key of ``schemas.KINDS``)."""
     schema = kind_schema(kind)
     fmt = file_format(str(uri))
-    data = _read(str(uri))
+    data = read_bytes(str(uri))
     broken: list[tuple[int, str, str]] = []
     if fmt == "parquet":
         try:
