@@ -70,6 +70,11 @@ def load_rows(spec: DatasetSpec, kind: str) -> tuple[pl.DataFrame, pl.DataFrame]
     if is_uri(source) and storage.is_committed(source):
         df = pl.from_arrow(storage.read_output(source, "data"))
         S.require_columns(df.columns, S.KINDS[kind].names, f"{source} (data output)")
+        if kind == "scored_pairs":  # an output may mix kinds (e.g. NLI shards): keep the scored pairs
+            other = df.filter(pl.col(S.SCORE).is_null()).height
+            if other:
+                log.info("%s: skipping %d rows without a gold score (other kinds)", source, other)
+            df = df.filter(pl.col(S.SCORE).is_not_null())
         return (df.head(spec.limit) if spec.limit else df), empty_bad
     if is_uri(source):
         res = load_table(source, kind)
