@@ -41,6 +41,8 @@ class LLMEngineConfig(StrictModel):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (GPU clusters)")
     num_cpus: float = Field(1, ge=0, description="CPUs this engine's actor asks Ray for")
     num_gpus: float = Field(0, ge=0, description="GPUs this engine's actor asks Ray for (0 on CPU machines)")
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU compute threads of the engine; None: one per CPU asked for (num_cpus, at least 1)")
     in_process: bool = Field(True, description="Run vLLM's engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
 
     def ray_options(self) -> dict[str, float]:
@@ -74,6 +76,12 @@ class LLMEngine:
 
         self.model_path = resolve_model(config.model)
         start = time.perf_counter()
+        # vLLM on CPU computes with torch's intra-op threads and forbids changing them once the
+        # engine is up. Ray workers start with OMP_NUM_THREADS=1, so without this an engine that
+        # asked Ray for 2 CPUs would still compute on one.
+        import torch
+
+        torch.set_num_threads(config.num_threads or max(1, int(config.num_cpus)))
         try:
             from vllm import LLM
 

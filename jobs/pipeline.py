@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from embedforge import storage
 from embedforge.config import run_job
 from workflows.pipeline.config import PipelineConfig
 
@@ -43,7 +44,7 @@ def pipeline(config: PipelineConfig) -> int:
     for name in ("gate", "evaluate"):
         if name in s:
             ev = s[name]
-            base = ev.get("baseline") or {}
+            base = storage.read_json(ev["report"]).get("baseline") or {}
             print(f"\n{name} ({ev['split']} split): baseline {base.get('model', '-')} -> candidate {ev['model']}")
             base_metrics = (base.get("metrics") or {})
             for key, value in ev["metrics"].items():

@@ -77,4 +77,4 @@ def llm_engine(smollm_path):
     """A real vLLM engine (CPU) on SmolLM2-135M-Instruct, in-process, prompt embeddings on."""
     from actors.llm_engine import LLMEngine, LLMEngineConfig
 
-    return LLMEngine(LLMEngineConfig(model=smollm_path, enable_prompt_embeds=True, max_model_len=2048))
+    return LLMEngine(LLMEngineConfig(model=smollm_path, enable_prompt_embeds=True, max_model_len=2048, num_cpus=2))
