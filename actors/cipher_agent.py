@@ -141,6 +141,7 @@ class CipherAgent:
     # ------------------------------------------------------------------ inputs
     def assemble(self, segments: Sequence[Any]) -> tuple[Any, int]:
         """Segments (text / Vectors) -> input embeddings [L, hidden] and the number of text tokens."""
+        import numpy as np
         import torch
 
         from workflows.debate.protocol import Vectors
@@ -149,7 +150,9 @@ class CipherAgent:
         hidden = self.embedding_matrix.shape[1]
         for s in segments:
             if isinstance(s, Vectors):
-                v = torch.as_tensor(s.data, dtype=torch.float32)
+                # Vectors arrive as read-only numpy arrays from Ray's object store: copy them.
+                v = s.data.float() if isinstance(s.data, torch.Tensor) else torch.tensor(np.asarray(s.data),
+                                                                                         dtype=torch.float32)
                 if v.ndim != 2 or v.shape[1] != hidden:
                     raise InputError(f"vector segment from agent {s.sender} has shape {tuple(v.shape)}; expected "
                                      f"[n, {hidden}] for model {self.config.model!r}")

@@ -4,6 +4,12 @@ The baseline of Du et al. (2023): each round the agent reads the other agents' p
 as text and writes a new answer by ordinary sampling at its own temperature. Conversations come
 from :func:`workflows.debate.protocol.round_conversation` with text-only segments.
 
+Sampled turns (temperature > 0) are submitted in groups whose prompts fit in one vLLM scheduler
+step (``max_num_batched_tokens``). Why: ``LLMEngine`` gives every sampled request its own seed,
+and vLLM on CPU cannot rewind a per-request generator when it splits a prompt over several steps
+(chunked prefill): ``RuntimeError: CPU Generator does not use offset``. Round-2 debate prompts of
+a 20-question batch (~7,000 tokens) hit that; groups that prefill in one step never do.
+
 Example::
 
     agent = TextAgent(TextAgentConfig(engine=LLMEngineConfig(model="smollm2-135m-instruct")))
@@ -21,6 +27,7 @@ from pydantic import Field
 
 from actors.llm_engine import LLMEngine, LLMEngineConfig
 from embedforge.config import StrictModel
+from embedforge.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,29 @@ class TextAgent:
         self.engine = engine or LLMEngine(config.engine)
         self.model_path = self.engine.model_path
 
+    def step_token_budget(self) -> int:
+        """Prompt tokens vLLM prefills in one scheduler step (``max_num_batched_tokens``)."""
+        return int(self.engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
+
+    def _groups(self, chats: list[list[dict[str, str]]], temperature: float) -> list[list[list[dict[str, str]]]]:
+        """Greedy: one group. Sampled: consecutive groups whose prompts prefill in one step (module docstring)."""
+        if temperature == 0 or not chats:
+            return [chats]
+        budget = self.step_token_budget()
+        lengths = self.engine.count_tokens([self.engine.apply_chat_template(c) for c in chats])
+        groups: list[list[list[dict[str, str]]]] = [[]]
+        used = 0
+        for i, (chat, n) in enumerate(zip(chats, lengths, strict=True)):
+            if n > budget:
+                raise InputError(f"conversation {i} has {n} prompt tokens, above the engine's {budget} tokens per "
+                                 "step; sampled vLLM turns on CPU must prefill in one step: lower rounds or max_tokens")
+            if used + n > budget and groups[-1]:
+                groups.append([])
+                used = 0
+            groups[-1].append(chat)
+            used += n
+        return groups
+
     def respond(
         self,
         conversations: Sequence[Sequence[Any]],
@@ -53,7 +83,9 @@ class TextAgent:
 
         chats = [to_chat(turns) for turns in conversations]
         start = time.perf_counter()
-        outs = self.engine.chat(chats, max_tokens=max_tokens, temperature=temperature)
+        outs: list[dict[str, Any]] = []
+        for group in self._groups(chats, temperature):
+            outs += self.engine.chat(group, max_tokens=max_tokens, temperature=temperature)
         seconds = time.perf_counter() - start
         return [AgentReply(text=o["text"], completion_tokens=len(o["token_ids"]),
                            prompt_tokens=int(o.get("num_prompt_tokens", 0)), seconds=seconds) for o in outs]

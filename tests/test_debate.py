@@ -316,6 +316,66 @@ def test_cipher_debate_on_tiny_models(tiny_paths, tiny_agent):
     assert slots and slots[0].sender == 0
 
 
+# ---------------------------------------------------------------------------------------------- text agent
+
+
+class FakeLLMEngine:
+    """Counts one token per word of the rendered chat and records each ``chat`` call's size."""
+
+    def __init__(self, budget: int):
+        from types import SimpleNamespace
+
+        scheduler = SimpleNamespace(max_num_batched_tokens=budget)
+        self.llm = SimpleNamespace(llm_engine=SimpleNamespace(vllm_config=SimpleNamespace(scheduler_config=scheduler)))
+        self.model_path = "fake"
+        self.calls: list[int] = []
+
+    def apply_chat_template(self, conversation):
+        return " ".join(m["content"] for m in conversation)
+
+    def count_tokens(self, texts):
+        return [len(t.split()) for t in texts]
+
+    def chat(self, conversations, max_tokens, temperature):
+        self.calls.append(len(conversations))
+        return [{"text": f"#### {c[0]['content'].split()[-1]}", "token_ids": [1, 2]} for c in conversations]
+
+
+def test_text_agent_sampled_turns_prefill_in_one_step():
+    from actors.text_agent import TextAgent
+    from embedforge.errors import InputError
+
+    engine = FakeLLMEngine(budget=100)
+    agent = TextAgent(engine=engine)
+    convs = [[P.Turn("user", [" ".join(["w"] * 30) + f" {i}"])] for i in range(7)]  # 31 tokens each
+    replies = agent.respond(convs, temperature=1.0, max_tokens=4)
+    assert engine.calls == [3, 3, 1]  # 3 x 31 <= 100 < 4 x 31
+    assert [r.text for r in replies] == [f"#### {i}" for i in range(7)]  # order kept across groups
+    engine.calls.clear()
+    agent.respond(convs, temperature=0.0, max_tokens=4)
+    assert engine.calls == [7]  # greedy requests have no generator: one call
+    with pytest.raises(InputError, match="conversation 0 has 101 prompt tokens"):
+        agent.respond([[P.Turn("user", [" ".join(["w"] * 101)])]], temperature=0.5, max_tokens=4)
+
+
+@pytest.mark.timeout(600)
+def test_text_agent_sampled_batch_above_one_step_on_vllm(llm_engine):
+    """Sampled turns whose prompts exceed one scheduler step (vLLM on CPU fails on chunked seeded prefill)."""
+    from actors.text_agent import TextAgent
+
+    agent = TextAgent(engine=llm_engine)
+    budget = agent.step_token_budget()
+    question = "Tom has " + ", ".join(f"{i} apples" for i in range(60)) + ". How many apples does Tom have?"
+    n_tokens = llm_engine.count_tokens([llm_engine.apply_chat_template(P.to_chat(P.round_conversation(question, 0,
+                                                                                                      None)))])[0]
+    n = budget // n_tokens + 2
+    convs = [P.round_conversation(question, 0, None) for _ in range(n)]
+    assert n * n_tokens > budget and len(agent._groups([P.to_chat(c) for c in convs], 1.0)) > 1
+    replies = agent.respond(convs, temperature=1.0, max_tokens=4)
+    assert len(replies) == n and all(0 < r.completion_tokens <= 4 for r in replies)
+    assert all(abs(r.prompt_tokens - n_tokens) <= 1 for r in replies)
+
+
 # ---------------------------------------------------------------------------------------------- Serve over HTTP
 
 API_KEY = "debate-test-key-123"
