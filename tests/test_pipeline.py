@@ -53,6 +53,8 @@ def test_stage_key_ignores_output_and_ray_but_not_inputs():
     assert a == stage_key("train", {"x": 1, "output": "/b", "ray": {}})
     assert a != stage_key("train", {"x": 2, "output": "/a"})
     assert a != stage_key("evaluate", {"x": 1})
+    # a stage's own content hash (scale fields left out) replaces the config
+    assert stage_key("synthesize", {"x": 1}, "h1") == stage_key("synthesize", {"x": 2}, "h1")
 
 
 def test_bad_pipeline_config_exits_2_before_ray():

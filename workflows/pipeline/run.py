@@ -7,8 +7,10 @@ record ``<output>/stages/<stage>-<key>.json`` exists is skipped; everything else
 lineage file ``<output>/lineage/<name>.json`` records, for each stage, its config, key,
 output, manifest, code version and timings: which data, config and code made each model.
 
-Deploy runs only when the gate promotes (or when no gate is configured): the Serve app of the
-same name is updated in place (``serve.run``), and on reject nothing changes.
+Deploy serves the new model when the gate promotes it (or when no gate is configured): the Serve
+app of the same name is updated in place (``serve.run``). On reject the served model stays the
+one in production, the gate's baseline: every ``${train.model}`` in the deploy section resolves to
+``gate.baseline.model`` instead (or, with no baseline model, deploy is skipped).
 """
 
 from __future__ import annotations
@@ -47,8 +49,10 @@ def code_version() -> dict[str, str]:
     return out
 
 
-def stage_key(stage: str, resolved: dict[str, Any]) -> str:
-    data = {k: v for k, v in resolved.items() if k not in ("output", "ray")}
+def stage_key(stage: str, resolved: dict[str, Any], content_hash: str | None = None) -> str:
+    """Key of a stage's output: its config without output/ray, or the stage's own content hash
+    (which also leaves out how many replicas produce the rows) when it defines one."""
+    data = content_hash or {k: v for k, v in resolved.items() if k not in ("output", "ray")}
     blob = json.dumps({"stage": stage, "config": data}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -114,7 +118,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         if stage == "deploy":
             continue
         probe = config.build_stage(stage, lookup, output="/pending")
-        key = stage_key(stage, probe.model_dump(mode="json"))
+        own_hash = probe.content_hash() if hasattr(probe, "content_hash") else None
+        key = stage_key(stage, probe.model_dump(mode="json"), own_hash)
         output = storage.join(root, stage, key)
         stage_config = config.build_stage(stage, lookup, output=output)
         record_uri = storage.join(root, "stages", f"{stage}-{key}.json")
@@ -139,12 +144,21 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     promote = gate is None or gate.get("decision") == "promote"
     lineage["gate"] = gate
     if config.deploy is not None:
+        baseline = ((config.gate or {}).get("baseline") or {}).get("model")
         if promote:
             summaries["deploy"] = _deploy(config, lookup, root)
-            lineage["stages"]["deploy"] = {"status": "ran", "url": summaries["deploy"]["url"],
-                                           "sample": summaries["deploy"]["sample"]}
+            status = "ran (new model)"
+        elif baseline:
+            def keep_baseline(stage: str, key: str) -> Any:
+                return baseline if (stage, key) == ("train", "model") else lookup(stage, key)
+
+            summaries["deploy"] = _deploy(config, keep_baseline, root)
+            status = f"ran (gate rejected: still serving {baseline})"
         else:
-            lineage["stages"]["deploy"] = {"status": "skipped (gate rejected)", "reasons": gate.get("reasons")}
+            status = "skipped (gate rejected)"
+        lineage["stages"]["deploy"] = {"status": status, "reasons": (gate or {}).get("reasons"),
+                                       **({k: summaries["deploy"][k] for k in ("url", "sample")}
+                                          if "deploy" in summaries else {})}
     lineage["finished_at"] = time.time()
     lineage_uri = storage.join(root, "lineage", f"{config.name}.json")
     storage.write_json(lineage_uri, lineage)
