@@ -112,8 +112,9 @@ class LLMEngine:
 
         return SamplingParams(
             max_tokens=max_tokens, temperature=temperature, stop=list(stop) if stop else None,
-            logprobs=logprobs, seed=self.config.seed if temperature > 0 else None, **kw,
-        )
+            logprobs=logprobs, **kw,
+        )  # no per-request seed: the engine's seed covers sampling, and on CPU a seeded request
+        # whose prompt is prefilled over several steps crashes ("CPU Generator does not use offset")
 
     @staticmethod
     def _result(out) -> dict[str, Any]:
