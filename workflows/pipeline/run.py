@@ -138,7 +138,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             "config": stage_config.model_dump(mode="json"),
             "manifest": storage.read_manifest(output) if storage.is_committed(output) else None,
         }
-        print(f"[pipeline] {stage}: {status} in {lineage['stages'][stage]['seconds']}s -> {output}", flush=True)
+        log.info("[pipeline] %s: %s in %ss -> %s", stage, status, lineage["stages"][stage]["seconds"], output)
 
     gate = summaries.get("gate", {}).get("gate")
     promote = gate is None or gate.get("decision") == "promote"
