@@ -35,19 +35,7 @@ from workflows.serve.limits import RequestError, error_body
 
 log = logging.getLogger(__name__)
 
-# Per replica process; module-level so the FastAPI app and the ingress class (pickled separately)
-# reach the same object in the replica.
-_REPLICA: dict[str, Any] = {}
-
-
-def _replica_auth() -> Any:
-    return _REPLICA["auth"]
-
-
-def _set_replica_auth(auth: Any) -> None:
-    # Module-level (pickled by reference): the ingress class is pickled by value, so a direct
-    # write to _REPLICA from its methods would land in a copy the FastAPI dependency never reads.
-    _REPLICA["auth"] = auth
+AUTH_SLOT = "debate"  # this app's API-key checker in workflows.serve.auth
 
 
 class AgentRequest(BaseModel):
@@ -120,12 +108,12 @@ def make_fastapi_app(config: DebateConfig) -> tuple[Any, type]:
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from workflows.debate import protocol as P
-    from workflows.serve.auth import ApiKeyAuth, bearer_dependency
+    from workflows.serve.auth import ApiKeyAuth, replica_bearer_dependency, set_replica_auth
     from workflows.serve.limits import BodySizeLimitMiddleware
 
     app = FastAPI(title="embedforge debate", version="1", description=__doc__)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=config.limits.max_body_bytes)
-    require_key = bearer_dependency(_replica_auth)
+    require_key = replica_bearer_dependency(AUTH_SLOT)
 
     def error(status: int, message: str, param: str | None = None, code: str | None = None,
               headers: dict[str, str] | None = None) -> JSONResponse:
@@ -152,7 +140,7 @@ def make_fastapi_app(config: DebateConfig) -> tuple[Any, type]:
         def __init__(self, config_data: dict[str, Any], handles: dict[str, Any]):
             self.config = DebateConfig.model_validate(config_data)
             a = self.config.auth
-            _set_replica_auth(ApiKeyAuth.from_settings(a.mode, a.api_keys_env, a.api_keys_file))
+            set_replica_auth(AUTH_SLOT, ApiKeyAuth.from_settings(a.mode, a.api_keys_env, a.api_keys_file))
             self.handles = handles
 
         def _plan(self, body: DebateRequest) -> tuple[list[tuple[str, float]], int, int]:

@@ -23,19 +23,7 @@ from workflows.serve.limits import RequestError, error_body
 
 log = logging.getLogger(__name__)
 
-# Per replica process (one ingress replica per process). Module-level so that Serve's copy of the
-# FastAPI app and the ingress class, pickled separately, reach the same object in the replica.
-_REPLICA: dict[str, Any] = {}
-
-
-def _replica_auth() -> Any:
-    return _REPLICA["auth"]
-
-
-def _set_replica_auth(auth: Any) -> None:
-    # A module-level function is pickled by reference; a closure's globals would be copied.
-    _REPLICA["auth"] = auth
-
+AUTH_SLOT = "embeddings"  # this app's API-key checker in workflows.serve.auth
 
 INFO_TIMEOUT_S = 300.0  # the first call for a model may load (or download) it
 EMBED_TIMEOUT_S = 300.0
@@ -63,7 +51,7 @@ def make_fastapi_app(config: ServeConfig) -> tuple[Any, type]:
     from ray.serve.exceptions import BackPressureError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from workflows.serve.auth import ApiKeyAuth, bearer_dependency
+    from workflows.serve.auth import ApiKeyAuth, replica_bearer_dependency, set_replica_auth
     from workflows.serve.limits import BodySizeLimitMiddleware, check_inputs
     from workflows.serve.metrics import ServeMetrics, ray_node_metrics
     from workflows.serve.model_server import unwrap_error
@@ -71,7 +59,7 @@ def make_fastapi_app(config: ServeConfig) -> tuple[Any, type]:
 
     app = FastAPI(title="embedforge embeddings", version="1", description=__doc__)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=config.limits.max_body_bytes)
-    require_key = bearer_dependency(_replica_auth)
+    require_key = replica_bearer_dependency(AUTH_SLOT)
     errors = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)}
 
     def error(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -99,7 +87,7 @@ def make_fastapi_app(config: ServeConfig) -> tuple[Any, type]:
         def __init__(self, config_data: dict[str, Any], model_handle: Any):
             self.config = ServeConfig.model_validate(config_data)
             a = self.config.auth
-            _set_replica_auth(ApiKeyAuth.from_settings(a.mode, a.api_keys_env, a.api_keys_file))
+            set_replica_auth(AUTH_SLOT, ApiKeyAuth.from_settings(a.mode, a.api_keys_env, a.api_keys_file))
             self.metrics = ServeMetrics()
             self.model = model_handle
             self._info: dict[str, dict[str, Any]] = {}

@@ -8,6 +8,7 @@ because FastAPI's ``HTTPBearer`` only parses the header and leaves the compariso
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import os
@@ -90,6 +91,31 @@ class ApiKeyAuth:
     def dependency(self) -> Any:
         """A FastAPI dependency checking this instance's keys (see :func:`bearer_dependency`)."""
         return bearer_dependency(lambda: self)
+
+
+# One checker per app name in this process. Serve apps load their keys in the ingress replica's
+# constructor; the FastAPI app and the ingress class reach Serve pickled separately (the class by
+# value), so the checker lives here, in an importable module both find by reference.
+_REPLICA_AUTH: dict[str, ApiKeyAuth] = {}
+
+
+def set_replica_auth(app: str, auth: ApiKeyAuth) -> None:
+    """Install ``auth`` as the checker of ``app`` in this process (call it in the replica's constructor)."""
+    _REPLICA_AUTH[app] = auth
+
+
+def replica_auth(app: str) -> ApiKeyAuth:
+    """The checker :func:`set_replica_auth` installed for ``app`` in this process."""
+    try:
+        return _REPLICA_AUTH[app]
+    except KeyError:
+        raise RuntimeError(f"no API-key checker set for app {app!r} in this process; "
+                           "call set_replica_auth in the replica's constructor") from None
+
+
+def replica_bearer_dependency(app: str) -> Any:
+    """:func:`bearer_dependency` reading the checker installed for ``app`` in the serving replica."""
+    return bearer_dependency(functools.partial(replica_auth, app))
 
 
 def bearer_dependency(get_auth: Callable[[], ApiKeyAuth]) -> Any:
