@@ -103,6 +103,51 @@ def test_body_limit_middleware():
     assert client.post("/echo", content=chunks(), headers={"content-type": "application/json"}).status_code == 413
 
 
+def test_forward_queue_merges_work_queued_while_busy():
+    """While one pass runs, later submissions queue; the next pass takes them together, per key."""
+    import asyncio
+
+    from workflows.serve.forward_queue import ForwardQueue
+
+    calls: list[tuple[str, list[str]]] = []
+
+    async def run(key, texts):
+        calls.append((key, list(texts)))
+        await asyncio.sleep(0.02)
+        if key == "bad":
+            raise ValueError("boom")
+        return np.array([[len(t)] for t in texts])
+
+    async def scenario():
+        q = ForwardQueue(run, max_sentences=4)
+        first = q.submit("a", ["x"])
+        await asyncio.sleep(0.005)  # the first pass is running now
+        later = [q.submit("a", ["yy", "zzz"]), q.submit("b", ["w"]), q.submit("a", ["1", "2", "3"]),
+                 q.submit("bad", ["q"])]
+        return await asyncio.gather(first, *later, return_exceptions=True)
+
+    res = asyncio.run(scenario())
+    # pass 1: ["x"]; pass 2 (4 sentences max): a=[yy, zzz] and b=[w]; pass 3: a=[1,2,3] and bad=[q]
+    assert calls == [("a", ["x"]), ("a", ["yy", "zzz"]), ("b", ["w"]), ("a", ["1", "2", "3"]), ("bad", ["q"])]
+    assert res[0].embeddings.tolist() == [[1]] and res[0].batch_size == 1
+    assert res[1].embeddings.tolist() == [[2], [3]] and res[1].batch_size == 3
+    assert res[2].embeddings.tolist() == [[1]] and res[2].batch_size == 3
+    assert res[3].embeddings.tolist() == [[1], [1], [1]] and res[3].batch_size == 4
+    assert isinstance(res[4], ValueError)
+    with pytest.raises(ValueError, match="max_sentences"):
+        ForwardQueue(run, max_sentences=0)
+
+
+def test_replica_auth_slots_are_per_app():
+    from workflows.serve.auth import replica_auth, set_replica_auth
+
+    set_replica_auth("test-a", ApiKeyAuth(["ka"]))
+    set_replica_auth("test-b", ApiKeyAuth(["kb"]))
+    assert replica_auth("test-a").check("Bearer ka") and not replica_auth("test-a").check("Bearer kb")
+    with pytest.raises(RuntimeError, match="set_replica_auth"):
+        replica_auth("never-set")
+
+
 def test_config_checks_and_example_configs():
     with pytest.raises(ConfigError, match="default_model 'nope' is not in models"):
         build_config(ServeConfig, {"default_model": "nope"})

@@ -5,9 +5,11 @@
   and keeps the ``max_models_per_replica`` most recently used. Serve routes requests for a model
   to replicas that already hold it.
 * Dynamic batching (``@serve.batch``, sized in sentences): requests are split into chunks of at
-  most ``max_batch_size`` sentences, queued, and each batch is grouped by (model, layers) -- the
-  two things that change the forward pass. ``dimensions`` is a cheap slice after the pass, so
-  requests with different dimensions share one forward batch.
+  most ``max_batch_size`` sentences and gathered for ``batch_wait_timeout_s``; each gathered batch
+  goes to the replica's :class:`~workflows.serve.forward_queue.ForwardQueue`, which runs one
+  forward pass at a time and merges everything that queued meanwhile into the next one, grouped
+  by (model, layers) -- the two things that change the forward pass. ``dimensions`` is a cheap
+  slice after the pass, so requests with different dimensions share one forward batch.
 * Limits: the token length of every input is measured before queueing; long inputs are
   truncated (counted as truncated) or rejected with 400.
 """
@@ -15,16 +17,17 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import logging
 import math
 import time
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
 
 from workflows.serve.config import ServeConfig
+from workflows.serve.forward_queue import ForwardQueue
 from workflows.serve.limits import RequestError, check_range, check_token_lengths
 
 log = logging.getLogger(__name__)
@@ -65,8 +68,14 @@ def make_model_server(config: ServeConfig) -> type:
             threads = self.config.model_deployment.torch_threads or max(1, math.ceil(
                 self.config.model_deployment.num_cpus))
             torch.set_num_threads(threads)
+            # Forward passes run in this one thread. torch.set_num_threads only reaches OpenMP in the
+            # thread that calls it (a fresh thread falls back to OMP_NUM_THREADS, 1 in Ray workers):
+            # measured, encode in a plain worker thread ran single-threaded. So the thread sets it too.
+            self._encoder = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="encode", initializer=torch.set_num_threads, initargs=(threads,))
             self._batched.set_max_batch_size(self.config.batching.max_batch_size)
             self._batched.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
+            self._forward = ForwardQueue(self._encode, self.config.batching.max_batch_size)
 
         @serve.multiplexed(max_num_models_per_replica=batching.max_models_per_replica)
         async def get_model(self, model_id: str) -> Any:
@@ -118,10 +127,12 @@ def make_model_server(config: ServeConfig) -> type:
             check_range("layers", layers, 1, embedder.num_layers, f"model {model_id!r}")
             lengths = self._token_lengths(embedder, texts)
             enqueued = time.monotonic()
-            parts = await asyncio.gather(*(
-                self._batched((model_id, chunk, layers, enqueued))
+            # _batched answers with pending futures (see there); each resolves after its forward pass.
+            pending = await asyncio.gather(*(
+                self._batched((model_id, chunk, layers))
                 for chunk in _chunks(texts, self.config.batching.max_batch_size)))
-            emb = np.concatenate([p["embeddings"] for p in parts])
+            parts = await asyncio.gather(*pending)
+            emb = np.concatenate([p.embeddings for p in parts])
             if dimensions is not None and dimensions < emb.shape[1]:
                 from embedforge.elastic import truncate_dims
 
@@ -131,30 +142,24 @@ def make_model_server(config: ServeConfig) -> type:
                 "prompt_tokens": int(sum(lengths)),
                 "dimensions": int(emb.shape[1]),
                 "layers": int(layers or embedder.num_layers),
-                "batch_sizes": [p["batch_size"] for p in parts],
-                "queue_s": max(p["queue_s"] for p in parts),
+                "batch_sizes": [p.batch_size for p in parts],
+                "queue_s": max(p.started for p in parts) - enqueued,
             }
 
         @serve.batch(max_batch_size=batching.max_batch_size, batch_wait_timeout_s=batching.batch_wait_timeout_s,
                      batch_size_fn=_sentences)
-        async def _batched(self, items: list[tuple]) -> list[dict[str, Any]]:
-            started = time.monotonic()
-            total = _sentences(items)
-            groups: dict[tuple[str, int | None], list[int]] = defaultdict(list)
-            for i, (model_id, _texts, layers, _t) in enumerate(items):
-                groups[(model_id, layers)].append(i)
-            results: list[dict[str, Any] | None] = [None] * len(items)
-            for (model_id, layers), members in groups.items():
-                embedder = await self.get_model(model_id)
-                texts = [t for i in members for t in items[i][1]]
-                emb = await asyncio.to_thread(embedder.encode, texts, None, layers)
-                offset = 0
-                for i in members:
-                    n = len(items[i][1])
-                    results[i] = {"embeddings": emb[offset:offset + n], "batch_size": total,
-                                  "queue_s": started - items[i][3]}
-                    offset += n
-            return results  # type: ignore[return-value]
+        async def _batched(self, items: list[tuple]) -> list[asyncio.Future]:
+            """Hand the gathered batch to the forward queue and answer with its pending results at once.
+
+            Returning futures (not results) lets ``@serve.batch`` gather the next batch while this
+            one waits for or runs its forward pass; the forward queue merges them.
+            """
+            return [self._forward.submit((model_id, layers), texts) for model_id, texts, layers in items]
+
+        async def _encode(self, key: tuple[str, int | None], texts: list[str]) -> np.ndarray:
+            model_id, layers = key
+            embedder = await self.get_model(model_id)
+            return await asyncio.get_running_loop().run_in_executor(self._encoder, embedder.encode, texts, None, layers)
 
         def check_health(self) -> None:
             """Serve's health check: the replica is alive while its event loop answers."""
