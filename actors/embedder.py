@@ -55,8 +55,8 @@ class Embedder:
         from embedforge.models import resolve_model
         from embedforge.st_modules import load_sentence_transformer
 
-        threads = config.torch_threads or max(1, int(config.num_cpus or 1))
-        torch.set_num_threads(threads)
+        self.threads = config.torch_threads or max(1, int(config.num_cpus or 1))
+        torch.set_num_threads(self.threads)
         self.model_path = resolve_model(config.model)
         self.model = load_sentence_transformer(self.model_path, device=config.device)
         if config.max_seq_length:
@@ -85,6 +85,10 @@ class Embedder:
         import torch
 
         prompt = prompt if prompt is not None else self.config.prompt
+        # torch's thread count is per calling thread (OpenMP): a call from another thread (an
+        # executor, a threaded actor) would otherwise run on OMP_NUM_THREADS=1 in Ray workers.
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         with self._lock, torch.inference_mode(), truncated_layers(self.model, layers):
             emb = self.model.encode(
                 list(texts),
