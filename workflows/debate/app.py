@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from workflows.debate.config import DebateConfig
-from workflows.serve.limits import RequestError, error_body
+from workflows.serve.limits import RequestError, install_error_handlers
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,8 @@ def _user_error(err: BaseException) -> RequestError | None:
 
 def make_fastapi_app(config: DebateConfig) -> tuple[Any, type]:
     """The FastAPI app and the ingress class whose methods serve its routes."""
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi import Depends, FastAPI
     from ray import serve
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from workflows.debate import protocol as P
     from workflows.serve.auth import ApiKeyAuth, replica_bearer_dependency, set_replica_auth
@@ -115,25 +112,7 @@ def make_fastapi_app(config: DebateConfig) -> tuple[Any, type]:
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=config.limits.max_body_bytes)
     require_key = replica_bearer_dependency(AUTH_SLOT)
 
-    def error(status: int, message: str, param: str | None = None, code: str | None = None,
-              headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        messages = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
-                             for e in exc.errors()[:5])
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return error(422, f"invalid request: {messages}", param=param, code="invalid_request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestError)
-    async def _refused(request: Request, exc: RequestError) -> JSONResponse:
-        return error(exc.status_code, exc.message, exc.param, exc.code)
+    install_error_handlers(app, validation_status=422)
 
     @serve.ingress(app)
     class DebateIngress:

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from workflows.serve.config import ServeConfig
-from workflows.serve.limits import RequestError, error_body
+from workflows.serve.limits import RequestError, install_error_handlers
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,10 @@ def make_fastapi_app(config: ServeConfig) -> tuple[Any, type]:
     (No ``from __future__ import annotations`` in this module: FastAPI reads the route
     annotations, which name classes imported locally here, at decoration time.)
     """
-    from fastapi import Depends, FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi import Depends, FastAPI
+    from fastapi.responses import Response
     from ray import serve
     from ray.serve.exceptions import BackPressureError
-    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from workflows.serve.auth import ApiKeyAuth, replica_bearer_dependency, set_replica_auth
     from workflows.serve.limits import BodySizeLimitMiddleware, check_inputs
@@ -62,25 +60,7 @@ def make_fastapi_app(config: ServeConfig) -> tuple[Any, type]:
     require_key = replica_bearer_dependency(AUTH_SLOT)
     errors = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 503)}
 
-    def error(status: int, message: str, param: str | None = None, code: str | None = None,
-              headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        messages = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
-                             for e in exc.errors()[:5])
-        return error(400, f"invalid request: {messages}", param=loc or None, code="invalid_request")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestError)
-    async def _refused(request: Request, exc: RequestError) -> JSONResponse:
-        return error(exc.status_code, exc.message, exc.param, exc.code)
+    install_error_handlers(app, validation_status=400)
 
     @serve.ingress(app)
     class EmbeddingsIngress:

@@ -39,6 +39,38 @@ def error_body(status_code: int, message: str, param: str | None = None, code: s
                       "param": param, "code": code}}
 
 
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> Any:
+    """A JSONResponse with :func:`error_body`."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def install_error_handlers(app: Any, validation_status: int = 400) -> None:
+    """OpenAI-style error bodies for schema errors (``validation_status``), HTTP errors and RequestError."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    def where(e: dict) -> str:
+        return ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Any, exc: RequestValidationError) -> Any:
+        errors = exc.errors()
+        messages = "; ".join(f"{where(e)}: {e.get('msg')}" for e in errors[:5])
+        param = where(errors[0]) if errors else ""
+        return error_response(validation_status, f"invalid request: {messages}", param or None, "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Any, exc: StarletteHTTPException) -> Any:
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestError)
+    async def _refused(request: Any, exc: RequestError) -> Any:
+        return error_response(exc.status_code, exc.message, exc.param, exc.code)
+
+
 class _BodyTooLarge(Exception):
     pass
 
