@@ -106,19 +106,28 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``a.b=c`` override applied (creating maps)."""
+    """Return a copy of ``data`` with each ``a.b=c`` override applied (creating maps; ``a.0.b`` indexes lists)."""
     out = json.loads(json.dumps(data))  # deep copy of plain YAML data
     for text in overrides:
         parts, value = parse_override(text)
-        node = out
-        for p in parts[:-1]:
-            child = node.get(p)
-            if child is None:
-                child = node[p] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {p!r} is a value, not a section")
-            node = child
-        node[parts[-1]] = value
+        node: Any = out
+        for i, p in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):  # list items by index: inputs.0.limit=10
+                if not p.isdigit() or int(p) >= len(node):
+                    raise ConfigError(f"--set {text!r}: {'.'.join(parts[:i]) or 'list'} has items 0.."
+                                      f"{len(node) - 1}; {p!r} is not one of them")
+                key: Any = int(p)
+            elif isinstance(node, dict):
+                key = p
+            else:
+                raise ConfigError(f"--set {text!r}: {parts[i - 1]!r} is a value, not a section")
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
     return out
 
 

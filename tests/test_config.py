@@ -57,6 +57,14 @@ def test_override_syntax_errors():
         apply_overrides({"steps": 1}, ["steps.x=2"])
 
 
+def test_override_list_items_by_index():
+    data = {"inputs": [{"limit": 1}, {"limit": 2}]}
+    assert apply_overrides(data, ["inputs.1.limit=5"]) == {"inputs": [{"limit": 1}, {"limit": 5}]}
+    assert data["inputs"][1]["limit"] == 2  # the input is not mutated
+    with pytest.raises(ConfigError, match=r"inputs has items 0..1; '2' is not one of them"):
+        apply_overrides(data, ["inputs.2.limit=5"])
+
+
 def test_yaml_file(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("steps: 7\noptim:\n  lr: 0.5\n")
