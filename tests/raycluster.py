@@ -47,13 +47,32 @@ class HeadNode:
                 raise RuntimeError(f"ray start exited {self._proc.returncode}; see {self._dir}/head.log")
             try:
                 with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
-                    if r.status == 200:
+                    if r.status == 200 and self._job_agent_ready(deadline):
                         return self
             except OSError:
                 pass
             time.sleep(1)
         self.stop()
         raise RuntimeError(f"Ray head not ready after {timeout_s}s")
+
+    def _job_agent_ready(self, deadline: float) -> bool:
+        """The dashboard answers before the job agent can take jobs: submit a no-op until one runs."""
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(self.dashboard_url)
+        while time.monotonic() < deadline:
+            try:
+                job = client.submit_job(entrypoint="true")
+            except RuntimeError as e:  # "No available agent to submit job, please try again later"
+                if "agent" not in str(e):
+                    raise
+                time.sleep(1)
+                continue
+            while time.monotonic() < deadline:
+                if client.get_job_status(job) in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                    return True
+                time.sleep(0.5)
+        return False
 
     def stop(self) -> None:
         if self._proc and self._proc.poll() is None:
