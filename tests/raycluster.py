@@ -1,5 +1,9 @@
 """A real `ray start --head` cluster on 127.0.0.1 for job-submission tests.
 
+Every port is a free one, the dashboard agent's included: its default (52365) is already taken
+when the test session's own local Ray (with dashboard) runs, and a head whose agent cannot bind
+answers the dashboard but never takes a job ("No available agent to submit job").
+
 Started with ``--block`` in its own process group and stopped by that group's id, never
 with ``ray stop`` (which would kill every Ray process on the host).
 """
@@ -27,13 +31,15 @@ class HeadNode:
     _dir: str = ""
 
     def start(self, num_cpus: int = 4, timeout_s: float = 300.0) -> "HeadNode":
-        gcs, dash, client = _free_ports(3)
+        gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = _free_ports(7)
         self._dir = tempfile.mkdtemp(prefix="ef-head-", dir="/tmp")
         ray = str(Path(sys.executable).parent / "ray")
         cmd = [
             ray, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
             f"--ray-client-server-port={client}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
             f"--num-cpus={num_cpus}", "--object-store-memory=400000000", f"--temp-dir={self._dir}",
+            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
             "--include-dashboard=true", "--disable-usage-stats",
         ]
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -52,8 +58,19 @@ class HeadNode:
             except OSError:
                 pass
             time.sleep(1)
+        logs = self._log_tail()
         self.stop()
-        raise RuntimeError(f"Ray head not ready after {timeout_s}s")
+        raise RuntimeError(f"Ray head not ready after {timeout_s}s; its logs end with:\n{logs}")
+
+    def _log_tail(self, chars: int = 3000) -> str:
+        """The end of head.log and of the dashboard agent's log (the part that fails to start)."""
+        out = []
+        for path in [Path(self._dir) / "head.log", *Path(self._dir).glob("session_latest/logs/dashboard_agent*.log")]:
+            try:
+                out.append(f"--- {path.name}\n{path.read_text(errors='replace')[-chars:]}")
+            except OSError:
+                pass
+        return "\n".join(out)
 
     def _job_agent_ready(self, deadline: float) -> bool:
         """The dashboard answers before the job agent can take jobs: submit a no-op until one runs."""
