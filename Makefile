@@ -29,5 +29,9 @@ test: install
 test-slow: install
 	$(PY) -m pytest -m slow
 
+# Benchmarks' extra baselines (the sentence-transformers trainer needs `datasets`).
+bench: install
+	$(PIP) install -q -e ".[bench]"
+
 clean:
 	rm -rf $(VENV) .cache

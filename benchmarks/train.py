@@ -2,14 +2,17 @@
 
     flock /tmp/embedforge-heavy.lock .venv/bin/python -m benchmarks.train --steps 30 --batch 32
 
-Both sides train all-MiniLM-L6-v2 with the same sentence-transformers loss on STS-B train rows
-in the same order, with the same global batch: the baseline is one process with as many torch
-threads as the Ray run has workers, running the same step (preprocess, loss, backward, AdamW)
-that the Ray Train loop runs; the Ray side is ``run_train`` with ``num_workers`` gloo workers of
-one CPU each. (sentence-transformers' ``SentenceTransformerTrainer`` needs the ``datasets``
-package, which this project does not install; the baseline is its inner step without it.)
+All sides train all-MiniLM-L6-v2 with the same sentence-transformers loss on STS-B train rows
+with the same global batch, one process having as many torch threads as the Ray run has workers:
+
+* **sentence-transformers trainer** (the named baseline): ``SentenceTransformerTrainer`` with
+  CoSENT (``benchmarks.st_reference``; needs the ``bench`` extra, i.e. ``datasets``);
+* **same loop, one process**: the exact step the Ray Train loop runs (preprocess, loss,
+  backward, AdamW), without Ray, on the same rows in the same order;
+* **Ray Train**: ``run_train`` with ``num_workers`` gloo workers of one CPU each.
+
 Throughput is measured on steady-state steps: the first ``--warmup`` steps and start-up are
-excluded on both sides. Prints samples/s of each and the ratio Ray / single process.
+excluded on every side. Prints samples/s of each and the ratios of Ray Train to both baselines.
 """
 
 from __future__ import annotations
@@ -105,12 +108,21 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ef-bench-train-") as tmp:
         config = config_for(args, os.path.join(tmp, "run"))
+        st = None
+        if args.objective == "cosent":
+            from benchmarks.st_reference import st_trainer_samples_per_s
+
+            st = st_trainer_samples_per_s(args.model, batch=args.batch, steps=args.steps, warmup=args.warmup,
+                                          lr=config.train.lr, threads=args.workers, output=os.path.join(tmp, "st"))
+            print(f"sentence-transformers trainer ({args.workers} threads): {st:.1f} samples/s")
         base = single_process(config, threads=args.workers, warmup=args.warmup)
-        print(f"single process ({args.workers} threads): {base:.1f} samples/s")
+        print(f"same loop, one process ({args.workers} threads): {base:.1f} samples/s")
         ray_sps = ray_train(config)
         print(f"Ray Train ({args.workers} workers x 1 CPU): {ray_sps:.1f} samples/s")
-    print(f"ratio Ray Train / single process: {ray_sps / base:.2f}x "
-          f"({args.steps} steps, global batch {args.batch}, {args.objective}, {args.model})")
+    what = f"({args.steps} steps, global batch {args.batch}, {args.objective}, {args.model})"
+    if st is not None:
+        print(f"ratio Ray Train / sentence-transformers trainer: {ray_sps / st:.2f}x {what}")
+    print(f"ratio Ray Train / same loop in one process: {ray_sps / base:.2f}x {what}")
 
 
 if __name__ == "__main__":

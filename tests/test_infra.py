@@ -355,6 +355,8 @@ def test_dockerfile_copy_sources_exist():
         flags = [p for p in parts if p.startswith("--")]
         paths = [p for p in parts if not p.startswith("--")]
         context = next((f.split("=", 1)[1] for f in flags if f.startswith("--from=")), None)
+        if context in targets:
+            continue  # an earlier build stage of this Dockerfile
         if context is not None:
             # A named build context, documented with its --build-context flag.
             assert f"--build-context {context}=" in text, f"COPY --from={context}: undocumented build context"

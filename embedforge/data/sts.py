@@ -53,17 +53,21 @@ def load_stsb(split: str) -> pl.DataFrame:
         fields = line.split("\t")
         if len(fields) < 7:
             raise InputError(f"{path}:{lineno}: expected at least 7 tab-separated fields, got {len(fields)}")
-        try:
-            value = float(fields[4])
-        except ValueError:
-            raise InputError(f"{path}:{lineno}: score {fields[4]!r} is not a number") from None
+        score.append(_unit_score(fields[4], f"{path}:{lineno}"))
         s1.append(fields[5].strip())
         s2.append(fields[6].strip())
-        score.append(value / 5.0)
     n = len(s1)
     df = frame({S.SENTENCE1: s1, S.SENTENCE2: s2, S.SCORE: score, S.LANG1: ["en"] * n, S.LANG2: ["en"] * n},
                S.SCORED_PAIRS)
     return _check_scores(df, str(path))
+
+
+def _unit_score(text: str, where: str) -> float:
+    """A 0-5 similarity score scaled to 0-1 (an InputError naming ``where`` when it is no number)."""
+    try:
+        return float(text) / 5.0
+    except ValueError:
+        raise InputError(f"{where}: score {text!r} is not a number") from None
 
 
 def _read_multi_mt(lang: str, split: str) -> tuple[list[str], list[str], list[float]]:
@@ -76,13 +80,9 @@ def _read_multi_mt(lang: str, split: str) -> tuple[list[str], list[str], list[fl
             if len(fields) != 3:
                 raise InputError(f"{path}: record {lineno}: expected 3 CSV fields "
                                  f"(sentence1, sentence2, score), got {len(fields)}")
-            try:
-                value = float(fields[2])
-            except ValueError:
-                raise InputError(f"{path}: record {lineno}: score {fields[2]!r} is not a number") from None
+            score.append(_unit_score(fields[2], f"{path}: record {lineno}"))
             s1.append(fields[0].strip())
             s2.append(fields[1].strip())
-            score.append(value / 5.0)
     return s1, s2, score
 
 
