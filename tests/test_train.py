@@ -133,6 +133,53 @@ def test_flat_gradients_hold_the_autograd_gradients_in_one_buffer():
         assert torch.equal(unused.grad, torch.zeros(5))
 
 
+def _row_sparse_worker(rank, world, port):
+    import torch
+    import torch.distributed as dist
+
+    from workflows.train.loop import FlatGradients, row_sparse_parameters
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Embedding(2000, 8), torch.nn.Linear(8, 3))
+        ids = [torch.tensor([[1, 5, 7], [5, 9, 1999]]), torch.tensor([[2, 5, 300], [7, 7, 0]])]
+
+        def loss(r):
+            return net(ids[r]).pow(2).sum()
+
+        params = list(net.parameters())
+        assert row_sparse_parameters(net) == [net[0].weight]
+        for p in params:
+            p.grad = None
+        for r in range(world):  # the dense average, computed locally from every rank's batch
+            loss(r).backward()
+        expected = [p.grad / world for p in params]
+        grads = FlatGradients(params, row_sparse=row_sparse_parameters(net))
+        for _ in range(2):  # twice: zero() must reset the sparse table's gradient too
+            grads.zero()
+            loss(rank).backward()
+            grads.average(world)
+            for p, e in zip(params, expected):
+                torch.testing.assert_close(p.grad, e)
+        assert all(p is not net[0].weight for p in grads.params)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_row_sparse_embedding_average_equals_the_dense_average():
+    """Token-embedding rows averaged over the rows any rank touched == the dense mean (2 gloo processes)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_row_sparse_worker, args=(2, port), nprocs=2, join=True)
+
+
 def test_job_dry_run_and_bad_config_exit_codes(capsys):
     from jobs.train import main
 
@@ -183,6 +230,7 @@ def _check_export(model_uri: str) -> None:
     assert emb.shape[0] == 2 and np.isfinite(emb).all()
     card = (Path(model_uri) / "README.md").read_text()
     assert "stsb:train" in card and "## Dev metrics" in card and "base_model" in card
+    assert "(before training: " in card
 
 
 @pytest.mark.timeout(600)
@@ -200,7 +248,9 @@ def test_two_worker_run_survives_a_worker_failure_and_exports(ray_local, tmp_pat
     manifest = json.loads((tmp_path / "run" / "_MANIFEST.json").read_text())
     assert manifest["steps"] == 4 and "dev_spearman" in manifest["dev_metrics"]
     history = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert [h["step"] for h in history] == [0, 1, 2, 3, 4]  # step 0: dev before training
+    assert set(history[0]) == {"step", "dev_spearman"} and manifest["base_dev_metrics"] == {
+        "dev_spearman": history[0]["dev_spearman"]}
     assert (tmp_path / "run" / "training_curve.png").stat().st_size > 1000
     assert summary["model"] == str(tmp_path / "run" / "model")
     _check_export(summary["model"])

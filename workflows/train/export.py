@@ -44,7 +44,9 @@ def model_card(info: dict[str, Any]) -> str:
                      f"weight {d['weight']}: `{json.dumps(d['manifest'], default=str)[:400]}`")
     lines += ["", "## Dev metrics", ""]
     if info["dev_metrics"]:
-        lines += [f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in info["dev_metrics"].items()]
+        base = info.get("base_dev_metrics") or {}
+        lines += [f"- {k}: {v:.4f}" + (f" (before training: {base[k]:.4f})" if isinstance(base.get(k), float) else "")
+                  if isinstance(v, float) else f"- {k}: {v}" for k, v in info["dev_metrics"].items()]
     else:
         lines.append("- none (no dev set configured)")
     lines += ["", "## Elastic grid", ""]
@@ -91,8 +93,9 @@ def plot_curve(history: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [h["step"] for h in history]
-    ax.plot(steps, [h["train_loss"] for h in history], label="train loss", color="tab:blue")
+    loss = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
+    if loss:
+        ax.plot(*zip(*loss), label="train loss", color="tab:blue")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
     dev = [(h["step"], h["dev_spearman"]) for h in history if "dev_spearman" in h]

@@ -14,7 +14,7 @@ Per step: the schedule (``workflows.train.mixture``) names the dataset and rows;
 columns are preprocessed with the model's own ``preprocess``; the dataset's
 sentence-transformers loss runs; gradients are averaged, clipped, and AdamW steps with a linear
 warmup/decay schedule. Every ``every_n_steps`` and at the end, rank 0 scores the dev set
-(broadcast to all ranks), saves a checkpoint (a ``SentenceTransformer.save`` folder under
+(broadcast to all ranks; also once before the first step), saves a checkpoint (a ``SentenceTransformer.save`` folder under
 ``model/`` plus ``state.pt``) and attaches it to ``ray.train.report``; every rank reports.
 """
 
@@ -77,40 +77,51 @@ class FlatGradients:
 
     Backward accumulates into the views in place (as DDP's ``gradient_as_bucket_view``), so the
     average needs no copy; a gradient some loss replaced instead is copied back into its view.
+
+    ``row_sparse`` parameters (token-embedding tables: half of MiniLM's weights, of which a step
+    touches a few hundred rows) stay out of the flat buffer: their average all-reduces a mask of
+    the rows any rank touched, then only those rows. The result equals the dense average (a row
+    no rank touched is zero everywhere) for a fraction of the bytes; DDP always sends the table
+    dense unless the model uses sparse embeddings, which AdamW cannot take.
     """
 
-    def __init__(self, params: list):
+    def __init__(self, params: list, row_sparse: list | None = None):
         import torch
 
-        self.params = params
+        sparse_ids = {id(p) for p in row_sparse or []}
+        self.row_sparse = [p for p in params if id(p) in sparse_ids]
+        self.params = [p for p in params if id(p) not in sparse_ids]
+        self.sparse_grads = [torch.zeros_like(p) for p in self.row_sparse]
         self.buffers: dict = {}
         self.views = []
         sizes: dict = {}
-        for p in params:
+        for p in self.params:
             sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
         for dtype, n in sizes.items():
             self.buffers[dtype] = torch.zeros(n, dtype=dtype, device=params[0].device)
         offsets = dict.fromkeys(sizes, 0)
-        for p in params:
+        for p in self.params:
             o = offsets[p.dtype]
             self.views.append(self.buffers[p.dtype][o:o + p.numel()].view_as(p))
             offsets[p.dtype] = o + p.numel()
         self.attach()
 
     def attach(self) -> None:
-        for p, view in zip(self.params, self.views):
+        for p, view in zip(self.params + self.row_sparse, self.views + self.sparse_grads):
             p.grad = view
 
     def zero(self) -> None:
         for buf in self.buffers.values():
             buf.zero_()
+        for g in self.sparse_grads:
+            g.zero_()
         self.attach()
 
     def average(self, world_size: int) -> None:
         """All-reduce the mean gradient (a parameter without a gradient counts as zero)."""
         import torch.distributed as dist
 
-        for p, view in zip(self.params, self.views):
+        for p, view in zip(self.params + self.row_sparse, self.views + self.sparse_grads):
             if p.grad is None:
                 p.grad = view  # the buffer already holds zeros for it
             elif p.grad.data_ptr() != view.data_ptr():
@@ -121,6 +132,21 @@ class FlatGradients:
         for buf in self.buffers.values():
             dist.all_reduce(buf)
             buf.div_(world_size)
+        for g in self.sparse_grads:
+            touched = g.ne(0).any(dim=1).to(g.dtype)
+            dist.all_reduce(touched)
+            rows = touched.nonzero().squeeze(1)
+            values = g.index_select(0, rows)
+            dist.all_reduce(values)
+            g.index_copy_(0, rows, values.div_(world_size))
+
+
+def row_sparse_parameters(model, min_rows: int = 1024) -> list:
+    """Trainable token-embedding tables (``nn.Embedding`` of at least ``min_rows`` rows)."""
+    import torch
+
+    return [m.weight for m in model.modules()
+            if isinstance(m, torch.nn.Embedding) and m.num_embeddings >= min_rows and m.weight.requires_grad]
 
 
 def broadcast_parameters(model, world_size: int) -> None:
@@ -220,7 +246,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         params += [p for p in loss.parameters() if p.requires_grad and all(p is not q for q in params)]
     # fused AdamW: one kernel over all parameters (CPU and CUDA), as the transformers Trainer's default
     optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=True)
-    grads = FlatGradients(params)
+    grads = FlatGradients(params, row_sparse=row_sparse_parameters(model))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.train.warmup_ratio * total_steps), total_steps)
     if checkpoint is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -232,6 +258,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start = int(state["step"])
     labels = [item.label for item in config.datasets]
     every = config.checkpoint.every_n_steps
+    if start == 0 and dev is not None:
+        # the starting point of the dev curve: what training has to beat
+        score = broadcast_float(dev_metric(model, dev, config.dev.batch_size) if rank == 0 else None, world, device)
+        history.append({"step": 0, "dev_spearman": score})
+        if rank == 0:
+            log.info("step 0/%d dev_spearman %.4f (before training)", total_steps, score)
     window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
 
     for step, (d, count) in zip(range(start, total_steps), schedule.plan(start, total_steps)):

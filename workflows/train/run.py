@@ -134,10 +134,11 @@ def run_train(config: TrainConfig, step_callback: Callable[[int, int], None] | N
             chosen, chosen_metrics = pick(ranked, key=lambda cm: cm[1][ck.metric])
     history = _history(result.checkpoint)
     dev_metrics = {k: v for k, v in chosen_metrics.items() if k.startswith("dev_")}
+    base_dev = {k: v for h in history[:1] if h["step"] == 0 for k, v in h.items() if k.startswith("dev_")}
     info = {
         "run_name": config.run_name, "base_model": config.model.base, "num_workers": config.scaling.num_workers,
         "steps": facts["total_steps"], "checkpoint": chosen.path, "export": ck.export,
-        "checkpoint_step": chosen_metrics.get("step"), "dev_metrics": dev_metrics,
+        "checkpoint_step": chosen_metrics.get("step"), "dev_metrics": dev_metrics, "base_dev_metrics": base_dev,
         "config": config.model_dump(mode="json"),
         "datasets": [{"label": d.label, "rows": d.rows, "objective": item.objective.model_dump(mode="json"),
                       "weight": item.weight, "manifest": d.manifest}
@@ -153,10 +154,10 @@ def run_train(config: TrainConfig, step_callback: Callable[[int, int], None] | N
     final = history[-1] if history else {}
     manifest = storage.commit(config.output, {
         "kind": "train", "model": model_uri, "config_hash": config.config_hash(), "run_name": config.run_name,
-        "steps": facts["total_steps"], "dev_metrics": dev_metrics, "final_train_loss": final.get("train_loss"),
-        "elastic_grid": grid, "files": ["history.json", "training_curve.png"],
+        "steps": facts["total_steps"], "dev_metrics": dev_metrics, "base_dev_metrics": base_dev,
+        "final_train_loss": final.get("train_loss"), "elastic_grid": grid, "files": ["history.json", "training_curve.png"],
         "datasets": json.loads(json.dumps(info["datasets"], default=str)),
     })
     return {"output": config.output, "model": model_uri, "curve": storage.join(config.output, "training_curve.png"),
-            "steps": facts["total_steps"], "dev_metrics": dev_metrics, "final_train_loss": final.get("train_loss"),
-            "manifest": manifest}
+            "steps": facts["total_steps"], "dev_metrics": dev_metrics, "base_dev_metrics": base_dev,
+            "final_train_loss": final.get("train_loss"), "manifest": manifest}
