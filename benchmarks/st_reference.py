@@ -51,7 +51,7 @@ def build_trainer(model_name: str, output: str, *, batch: int, lr: float, epochs
         evaluator = EmbeddingSimilarityEvaluator(d["sentence1"], d["sentence2"], d["score"],
                                                  main_similarity="cosine", name="sts-dev")
     args = SentenceTransformerTrainingArguments(
-        output_dir=output, per_device_train_batch_size=batch, learning_rate=lr, warmup_ratio=0.1,
+        output_dir=output, per_device_train_batch_size=batch, learning_rate=lr, warmup_steps=0.1,
         num_train_epochs=epochs, max_steps=max_steps, seed=seed, use_cpu=True, report_to="none",
         eval_strategy="epoch" if dev else "no", save_strategy="no", logging_steps=50,
         dataloader_num_workers=0, disable_tqdm=True,

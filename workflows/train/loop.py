@@ -264,14 +264,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         history.append({"step": 0, "dev_spearman": score})
         if rank == 0:
             log.info("step 0/%d dev_spearman %.4f (before training)", total_steps, score)
-    window_loss, window_n, window_t = 0.0, 0, time.perf_counter()
+    window_loss, window_n, window_sync, window_t = 0.0, 0, 0.0, time.perf_counter()
 
     for step, (d, count) in zip(range(start, total_steps), schedule.plan(start, total_steps)):
         features, label = make_batch(model, config.datasets[d].objective, tables[d], schedule.rows(d, count, rank),
                                      device)
         loss_value = losses[d](features, label)
         loss_value.backward()
+        t_sync = time.perf_counter()
         grads.average(world)
+        window_sync += time.perf_counter() - t_sync
         if config.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
         optimizer.step()
@@ -287,13 +289,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         elapsed = time.perf_counter() - window_t
         metrics = {"step": done, "train_loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
-                   "dataset": labels[d], "samples_per_s": window_n * schedule.global_batch / max(elapsed, 1e-9)}
-        window_loss, window_n = 0.0, 0
+                   "dataset": labels[d], "samples_per_s": window_n * schedule.global_batch / max(elapsed, 1e-9),
+                   "sync_share": window_sync / max(elapsed, 1e-9)}
+        window_loss, window_n, window_sync = 0.0, 0, 0.0
         if not at_ckpt:
             history.append(metrics)
             if rank == 0:
-                log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", done, total_steps, metrics["train_loss"],
-                         metrics["lr"], metrics["samples_per_s"])
+                log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s (gradient all-reduce %.0f%%)", done,
+                         total_steps, metrics["train_loss"], metrics["lr"], metrics["samples_per_s"],
+                         100 * metrics["sync_share"])
             ray.train.report(metrics)
             window_t = time.perf_counter()
             continue
