@@ -35,7 +35,7 @@ def main() -> None:
     from embedforge import storage
     from embedforge.config import build_config
     from embedforge.data import DatasetSpec, load_dataset
-    from embedforge.runtime import RayConfig, init_ray
+    from embedforge.runtime import init_ray
     from workflows.reward.config import RewardConfig
     from workflows.reward.mining import mine_hard_negatives
     from workflows.reward.pipeline import _SHARD, doc_id_of, feedback_metrics, read_sub, score_shards

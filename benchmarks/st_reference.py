@@ -95,10 +95,10 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer.train()
     trainer.model.save(os.path.join(args.output, "model"))
+    key = "eval_sts-dev_spearman_cosine"
+    dev = [round(100 * h[key], 2) for h in trainer.state.log_history if key in h]
     print(f"trained {trainer.state.global_step} steps in {time.perf_counter() - t0:.0f} s; "
-          f"dev Spearman per epoch: "
-          f"{[round(100 * h['eval_sts-dev_spearman_cosine'], 2) for h in trainer.state.log_history if 'eval_sts-dev_spearman_cosine' in h]}; "
-          f"model: {args.output}/model")
+          f"dev Spearman per epoch: {dev}; model: {args.output}/model")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ Per step: the schedule (``workflows.train.mixture``) names the dataset and rows;
 columns are preprocessed with the model's own ``preprocess``; the dataset's
 sentence-transformers loss runs; gradients are averaged, clipped, and AdamW steps with a linear
 warmup/decay schedule. Every ``every_n_steps`` and at the end, rank 0 scores the dev set
-(broadcast to all ranks; also once before the first step), saves a checkpoint (a ``SentenceTransformer.save`` folder under
-``model/`` plus ``state.pt``) and attaches it to ``ray.train.report``; every rank reports.
+(broadcast to all ranks; also once before the first step), saves a checkpoint (a
+``SentenceTransformer.save`` folder under ``model/`` plus ``state.pt``) and attaches it to
+``ray.train.report``; every rank reports.
 """
 
 from __future__ import annotations

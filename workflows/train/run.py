@@ -155,7 +155,8 @@ def run_train(config: TrainConfig, step_callback: Callable[[int, int], None] | N
     manifest = storage.commit(config.output, {
         "kind": "train", "model": model_uri, "config_hash": config.config_hash(), "run_name": config.run_name,
         "steps": facts["total_steps"], "dev_metrics": dev_metrics, "base_dev_metrics": base_dev,
-        "final_train_loss": final.get("train_loss"), "elastic_grid": grid, "files": ["history.json", "training_curve.png"],
+        "final_train_loss": final.get("train_loss"), "elastic_grid": grid,
+        "files": ["history.json", "training_curve.png"],
         "datasets": json.loads(json.dumps(info["datasets"], default=str)),
     })
     return {"output": config.output, "model": model_uri, "curve": storage.join(config.output, "training_curve.png"),
