@@ -47,6 +47,14 @@ class HeadNode:
         self._proc = subprocess.Popen(cmd, env=env, stdout=open(f"{self._dir}/head.log", "wb"),
                                       stderr=subprocess.STDOUT, start_new_session=True)
         self.dashboard_url = f"http://127.0.0.1:{dash}"
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:  # also pytest-timeout's interrupt: never leave a head running
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -54,13 +62,11 @@ class HeadNode:
             try:
                 with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as r:
                     if r.status == 200 and self._job_agent_ready(deadline):
-                        return self
+                        return
             except OSError:
                 pass
             time.sleep(1)
-        logs = self._log_tail()
-        self.stop()
-        raise RuntimeError(f"Ray head not ready after {timeout_s}s; its logs end with:\n{logs}")
+        raise RuntimeError(f"Ray head not ready after {timeout_s}s; its logs end with:\n{self._log_tail()}")
 
     def _log_tail(self, chars: int = 3000) -> str:
         """The end of head.log and of the dashboard agent's log (the part that fails to start)."""
