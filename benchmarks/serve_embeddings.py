@@ -3,7 +3,8 @@
 For the same model folder and the same sentences (STS-B dev, one sentence per request), measures
 sentences/s and client-side p50/p99 latency at several concurrencies against
 
-  (a) this server (Ray Serve app from workflows.serve, one model replica),
+  (a) this server (Ray Serve app from workflows.serve, one model replica), in each ``--topologies``
+      (split: ingress -> model deployment; fused: one deployment), fused / split printed too,
   (b) Infinity (`infinity_emb v2`, from a separate virtual environment: --infinity-bin),
   (c) SentenceTransformer.encode in this process (the throughput limit; no HTTP),
 
@@ -112,7 +113,7 @@ def bench_in_process(model_path: str, texts: list[str], threads: int) -> dict[st
     return out
 
 
-def bench_ours(model_path, texts, levels, n, threads):
+def bench_ours(model_path, texts, levels, n, threads, topology="split"):
     from ray import serve
 
     from embedforge.config import build_config
@@ -131,6 +132,7 @@ def bench_ours(model_path, texts, levels, n, threads):
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
         "model_deployment": {"num_cpus": 1, "torch_threads": threads, "max_ongoing_requests": 128},
         "http": {"host": "127.0.0.1", "port": port},
+        "topology": topology,
     })
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -138,8 +140,8 @@ def bench_ours(model_path, texts, levels, n, threads):
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base, 300)
         url, headers = f"{base}/v1/embeddings", {"Authorization": f"Bearer {KEY}"}
-        res = run_levels("ours", url, texts, levels, n, "minilm", headers)
-        half = run_levels("ours L/2", url, texts, [16], n, "minilm", headers, {"layers": 3})
+        res = run_levels(f"ours {topology}", url, texts, levels, n, "minilm", headers)
+        half = run_levels(f"{topology} L/2", url, texts, [16], n, "minilm", headers, {"layers": 3})
         return res, half
     finally:
         serve.shutdown()
@@ -188,6 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--levels", default="1,16,64", help="concurrency levels")
     p.add_argument("--threads", type=int, default=2, help="torch threads (in-process and model replica)")
     p.add_argument("--infinity-bin", default=shutil.which("infinity_emb"), help="infinity_emb executable")
+    p.add_argument("--topologies", default="split,fused", help="this server's topologies to measure, in order")
     args = p.parse_args(argv)
 
     from embedforge.models import resolve_model
@@ -200,7 +203,9 @@ def main(argv=None) -> int:
     inproc = bench_in_process(model_path, texts, args.threads)
     print(f"  in-process full depth: {inproc[inproc['full']]:.1f} sent/s; "
           f"layers={inproc['half']}: {inproc[inproc['half']]:.1f} sent/s", flush=True)
-    ours, ours_half = bench_ours(model_path, texts, levels, args.requests, args.threads)
+    runs = {t: bench_ours(model_path, texts, levels, args.requests, args.threads, t)
+            for t in args.topologies.split(",")}
+    ours, ours_half = runs[next(iter(runs))]
     infinity, infinity_error = None, None
     if args.infinity_bin:
         try:
@@ -222,6 +227,12 @@ def main(argv=None) -> int:
         print(line)
     if infinity_error:
         print(f"  infinity unavailable: {infinity_error}")
+    if {"split", "fused"} <= set(runs):
+        for c in levels:
+            s, f = runs["split"][0][c], runs["fused"][0][c]
+            print(f"  c={c:<3} fused {f['sent_per_s']:7.1f} vs split {s['sent_per_s']:7.1f}: "
+                  f"{f['sent_per_s'] / s['sent_per_s']:5.2f}x  /in-process {f['sent_per_s'] / limit:5.2f}x  "
+                  f"p99 {f['p99_ms']:.0f} vs {s['p99_ms']:.0f} ms")
     print(f"  layers={inproc['half']} vs {inproc['full']}: server c=16 "
           f"{ours_half[16]['sent_per_s'] / ours[16]['sent_per_s']:.2f}x" if 16 in ours else "",
           f" in-process {inproc[inproc['half']] / limit:.2f}x")

@@ -212,14 +212,26 @@ def server(ray_local, minilm_path, tmp_path_factory):
         "serve": {"app_name": "strict"},
         "http": {"host": "127.0.0.1", "port": port, "route_prefix": "/strict"},
     })
+    fused = build_config(ServeConfig, {
+        **common,
+        "topology": "fused",
+        "models": {"minilm": minilm_path, "minilm-copy": str(copy)},
+        "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        "model_deployment": {"num_cpus": 0.25, "torch_threads": 1},
+        "serve": {"app_name": "fused"},
+        "http": {"host": "127.0.0.1", "port": port, "route_prefix": "/fused"},
+    })
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(main), name="main", route_prefix="/", blocking=False)
         serve.run(build_app(strict), name="strict", route_prefix="/strict", blocking=False)
+        serve.run(build_app(fused), name="fused", route_prefix="/fused", blocking=False)
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 120)
         wait_healthy(f"{url}/strict", 120)
-        yield {"url": url, "strict": f"{url}/strict", "copy": str(copy), "minilm": minilm_path}
+        wait_healthy(f"{url}/fused", 120)
+        yield {"url": url, "strict": f"{url}/strict", "fused": f"{url}/fused", "copy": str(copy),
+               "minilm": minilm_path}
     finally:
         serve.shutdown()
 
@@ -288,6 +300,33 @@ def test_multiplexed_second_model(client, reference):
     assert resp.model == "minilm-copy"
     got = np.array([d.embedding for d in resp.data])
     assert _cos(got, reference.encode(TEXTS, normalize_embeddings=True)).min() > 0.9999
+
+
+@pytest.mark.timeout(300)
+def test_fused_topology_serves_the_same_api_in_one_deployment(server, reference):
+    """topology: fused — HTTP and the model in one deployment: same embeddings, options and errors."""
+    import httpx
+    from openai import BadRequestError, NotFoundError, OpenAI
+
+    fused = OpenAI(base_url=f"{server['fused']}/v1", api_key=KEY, timeout=120, max_retries=0)
+    want = reference.encode(TEXTS, normalize_embeddings=True)
+    for model in ("minilm", "minilm-copy"):
+        resp = fused.embeddings.create(model=model, input=TEXTS, encoding_format="float")
+        assert resp.model == model and _cos(np.array([d.embedding for d in resp.data]), want).min() > 0.9999
+    small = fused.embeddings.create(model="minilm", input=TEXTS, dimensions=64, encoding_format="float",
+                                    extra_body={"layers": 3})
+    assert len(small.data[0].embedding) == 64 and small.model_extra["layers"] == 3
+    with pytest.raises(NotFoundError):
+        fused.embeddings.create(model="nope", input=TEXTS)
+    with pytest.raises(BadRequestError, match="dimensions"):
+        fused.embeddings.create(model="minilm", input=TEXTS, dimensions=999)
+    cards = httpx.get(f"{server['fused']}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    assert {m["id"] for m in cards.json()["data"]} == {"minilm", "minilm-copy"}
+    assert httpx.post(f"{server['fused']}/v1/embeddings", json={"input": "x"}, timeout=30).status_code == 401
+    from ray import serve
+
+    assert set(serve.status().applications["fused"].deployments) == {"EmbeddingModel"}
+    assert _replicas("fused", "EmbeddingModel") == 1
 
 
 @pytest.mark.timeout(300)

@@ -2,7 +2,8 @@
 
 ``build_app(config)`` returns a Serve application: a FastAPI ingress deployment (auth, limits,
 validation, metrics, OpenAI error bodies) in front of the autoscaled, multiplexed, batching
-model deployment (:mod:`workflows.serve.model_server`). Routes:
+model deployment (:mod:`workflows.serve.model_server`); with ``topology: fused`` one autoscaled
+deployment does both (the routes call the model server in the same replica). Routes:
 
 * ``POST /v1/embeddings``: OpenAI's embeddings API plus ``layers`` (early exit);
 * ``GET /v1/models``: served models with their elastic grids;
@@ -64,18 +65,25 @@ def make_fastapi_app(config: ServeConfig) -> tuple[Any, type]:
 
     @serve.ingress(app)
     class EmbeddingsIngress:
-        def __init__(self, config_data: dict[str, Any], model_handle: Any):
+        def __init__(self, config_data: dict[str, Any], model_handle: Any = None):
+            """``model_handle``: the model deployment's handle; None (fused): run the model server here."""
+            from workflows.serve.model_server import make_model_server
+
             self.config = ServeConfig.model_validate(config_data)
             a = self.config.auth
             set_replica_auth(AUTH_SLOT, ApiKeyAuth.from_settings(a.mode, a.api_keys_env, a.api_keys_file))
             self.metrics = ServeMetrics()
             self.model = model_handle
+            self.local = make_model_server(self.config)(config_data) if model_handle is None else None
             self._info: dict[str, dict[str, Any]] = {}
 
         async def _call(self, model: str, method: str, *args: Any, timeout_s: float, **kwargs: Any) -> Any:
-            handle = getattr(self.model.options(multiplexed_model_id=model), method)
+            if self.local is not None:
+                call = getattr(self.local, method)(*args, model_id=model, **kwargs)
+            else:
+                call = _awaited(getattr(self.model.options(multiplexed_model_id=model), method).remote(*args, **kwargs))
             try:
-                return await asyncio.wait_for(_awaited(handle.remote(*args, **kwargs)), timeout_s)
+                return await asyncio.wait_for(call, timeout_s)
             except BackPressureError as e:
                 raise RequestError(f"server overloaded ({e}); retry later", status_code=503,
                                    code="overloaded") from None
@@ -162,16 +170,14 @@ async def _awaited(response: Any) -> Any:
 
 
 def build_app(config: ServeConfig) -> Any:
-    """The Serve application for ``config`` (ingress -> autoscaled model deployment)."""
+    """The Serve application for ``config`` (ingress -> autoscaled model deployment, or one fused deployment)."""
     from ray import serve
 
     from workflows.serve.model_server import make_model_server
 
     data = config.model_dump(mode="json")
     md, scale = config.model_deployment, config.autoscaling
-    model = serve.deployment(
-        make_model_server(config),
-        name="EmbeddingModel",
+    model_options = dict(
         ray_actor_options={"num_cpus": md.num_cpus, "num_gpus": md.num_gpus},
         max_ongoing_requests=md.max_ongoing_requests,
         max_queued_requests=md.max_queued_requests,
@@ -187,6 +193,12 @@ def build_app(config: ServeConfig) -> Any:
         },
     )
     _, ingress_cls = make_fastapi_app(config)
+    if config.auth.mode == "disabled":
+        log.warning("AUTH DISABLED for application %r: anyone who reaches %s:%d can use it",
+                    config.serve.app_name, config.http.host, config.http.port)
+    if config.topology == "fused":
+        return serve.deployment(ingress_cls, name="EmbeddingModel", **model_options).bind(data)
+    model = serve.deployment(make_model_server(config), name="EmbeddingModel", **model_options)
     ing = config.ingress
     ingress = serve.deployment(
         ingress_cls,
@@ -196,9 +208,6 @@ def build_app(config: ServeConfig) -> Any:
         max_ongoing_requests=ing.max_ongoing_requests,
         max_queued_requests=ing.max_queued_requests,
     )
-    if config.auth.mode == "disabled":
-        log.warning("AUTH DISABLED for application %r: anyone who reaches %s:%d can use it",
-                    config.serve.app_name, config.http.host, config.http.port)
     return ingress.bind(data, model.bind(data))
 
 

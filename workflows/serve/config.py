@@ -100,6 +100,11 @@ class ServeConfig(StrictModel):
     batching: BatchingConfig = BatchingConfig()
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     model_deployment: DeploymentConfig = DeploymentConfig()
+    topology: Literal["split", "fused"] = Field(
+        "split", description="split: a light FastAPI ingress replica in front of the autoscaled model deployment "
+                             "(requests routed to replicas holding their model); fused: one autoscaled deployment "
+                             "answers HTTP and runs the model (model_deployment settings; no ingress -> model hop, "
+                             "but every replica may load every model it is asked for)")
     ingress: DeploymentConfig = Field(
         DeploymentConfig(num_cpus=0.25, max_ongoing_requests=256, max_queued_requests=1024),
         description="The FastAPI ingress replica (one; light)")

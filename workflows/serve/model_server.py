@@ -103,8 +103,8 @@ def make_model_server(config: ServeConfig) -> type:
                      embedder.model.max_seq_length)
             return embedder
 
-        async def info(self) -> dict[str, Any]:
-            model_id = serve.get_multiplexed_model_id()
+        async def info(self, model_id: str | None = None) -> dict[str, Any]:
+            model_id = model_id or serve.get_multiplexed_model_id()
             embedder = await self.get_model(model_id)
             return model_info(model_id, embedder, embedder.model.max_seq_length)
 
@@ -119,9 +119,12 @@ def make_model_server(config: ServeConfig) -> type:
             return [len(x) for x in ids]
 
         async def embed(self, texts: list[str], dimensions: int | None = None,
-                        layers: int | None = None) -> dict[str, Any]:
-            """Embeddings [n, dims] float32 plus usage and what the batches looked like."""
-            model_id = serve.get_multiplexed_model_id()
+                        layers: int | None = None, model_id: str | None = None) -> dict[str, Any]:
+            """Embeddings [n, dims] float32 plus usage and what the batches looked like.
+
+            ``model_id``: given by a fused deployment's routes; otherwise the multiplexed id of the call.
+            """
+            model_id = model_id or serve.get_multiplexed_model_id()
             embedder = await self.get_model(model_id)
             check_range("dimensions", dimensions, 1, embedder.dimension, f"model {model_id!r}")
             check_range("layers", layers, 1, embedder.num_layers, f"model {model_id!r}")
