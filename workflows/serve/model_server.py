@@ -90,7 +90,8 @@ def make_model_server(config: ServeConfig) -> type:
 
             device = "cuda" if ray.get_gpu_ids() else "cpu"  # GPUs given to this replica (ray_actor_options)
             embedder = await asyncio.to_thread(Embedder, EmbedderConfig(
-                model=source, device=device, batch_size=self.config.batching.encode_batch_size, normalize=self.config.normalize,
+                model=source, device=device, batch_size=self.config.batching.encode_batch_size,
+                normalize=self.config.normalize,
                 num_cpus=self.config.model_deployment.num_cpus,
                 torch_threads=self.config.model_deployment.torch_threads))
             native = embedder.model.max_seq_length or self.config.limits.max_tokens_per_input
