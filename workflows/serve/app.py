@@ -78,11 +78,12 @@ def make_fastapi_app(config: ServeConfig) -> tuple[Any, type]:
             self._info: dict[str, dict[str, Any]] = {}
 
         async def _call(self, model: str, method: str, *args: Any, timeout_s: float, **kwargs: Any) -> Any:
-            if self.local is not None:
-                call = getattr(self.local, method)(*args, model_id=model, **kwargs)
-            else:
-                call = _awaited(getattr(self.model.options(multiplexed_model_id=model), method).remote(*args, **kwargs))
             try:
+                if self.local is not None:
+                    call = getattr(self.local, method)(*args, model_id=model, **kwargs)
+                else:
+                    handle = getattr(self.model.options(multiplexed_model_id=model), method)
+                    call = _awaited(handle.remote(*args, **kwargs))
                 return await asyncio.wait_for(call, timeout_s)
             except BackPressureError as e:
                 raise RequestError(f"server overloaded ({e}); retry later", status_code=503,
