@@ -65,14 +65,12 @@ def make_model_server(config: ServeConfig) -> type:
             import torch
 
             self.config = ServeConfig.model_validate(config_data)
-            threads = self.config.model_deployment.torch_threads or max(1, math.ceil(
+            self._threads = self.config.model_deployment.torch_threads or max(1, math.ceil(
                 self.config.model_deployment.num_cpus))
-            torch.set_num_threads(threads)
-            # Forward passes run in this one thread. torch.set_num_threads only reaches OpenMP in the
-            # thread that calls it (a fresh thread falls back to OMP_NUM_THREADS, 1 in Ray workers):
-            # measured, encode in a plain worker thread ran single-threaded. So the thread sets it too.
-            self._encoder = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="encode", initializer=torch.set_num_threads, initargs=(threads,))
+            torch.set_num_threads(self._threads)
+            # Forward passes run in this one thread (the Embedder sets torch's per-thread count in it:
+            # a fresh thread would otherwise compute on OMP_NUM_THREADS, 1 in Ray workers).
+            self._encoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
             self._batched.set_max_batch_size(self.config.batching.max_batch_size)
             self._batched.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
             self._forward = ForwardQueue(self._encode, self.config.batching.max_batch_size)
@@ -92,8 +90,7 @@ def make_model_server(config: ServeConfig) -> type:
             embedder = await asyncio.to_thread(Embedder, EmbedderConfig(
                 model=source, device=device, batch_size=self.config.batching.encode_batch_size,
                 normalize=self.config.normalize,
-                num_cpus=self.config.model_deployment.num_cpus,
-                torch_threads=self.config.model_deployment.torch_threads))
+                num_cpus=self.config.model_deployment.num_cpus, torch_threads=self._threads))
             native = embedder.model.max_seq_length or self.config.limits.max_tokens_per_input
             embedder.model.max_seq_length = min(native, self.config.limits.max_tokens_per_input)
             # Token counting runs on the event loop while encode runs in a worker thread; a fast

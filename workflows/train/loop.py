@@ -259,9 +259,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start = int(state["step"])
     labels = [item.label for item in config.datasets]
     every = config.checkpoint.every_n_steps
+
+    def dev_score() -> float | None:
+        """Rank 0 scores the dev set; every rank gets the score."""
+        return broadcast_float(dev_metric(model, dev, config.dev.batch_size) if rank == 0 else None, world, device)
+
     if start == 0 and dev is not None:
         # the starting point of the dev curve: what training has to beat
-        score = broadcast_float(dev_metric(model, dev, config.dev.batch_size) if rank == 0 else None, world, device)
+        score = dev_score()
         history.append({"step": 0, "dev_spearman": score})
         if rank == 0:
             log.info("step 0/%d dev_spearman %.4f (before training)", total_steps, score)
@@ -302,8 +307,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics)
             window_t = time.perf_counter()
             continue
-        score = dev_metric(model, dev, config.dev.batch_size) if rank == 0 else None
-        score = broadcast_float(score, world, device)
+        score = dev_score()
         if score is not None:
             metrics["dev_spearman"] = score
         history.append(metrics)

@@ -108,6 +108,10 @@ def _history(checkpoint) -> list[dict]:
     return json.loads(_read_checkpoint_file(checkpoint, HISTORY_FILE))
 
 
+def _dev_only(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k.startswith("dev_")}
+
+
 def run_train(config: TrainConfig, step_callback: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Train ``config``; return a JSON-able summary with the model URI, metrics and the manifest."""
     from ray.train import TrainingFailedError
@@ -133,8 +137,8 @@ def run_train(config: TrainConfig, step_callback: Callable[[int, int], None] | N
             pick = max if ck.mode == "max" else min
             chosen, chosen_metrics = pick(ranked, key=lambda cm: cm[1][ck.metric])
     history = _history(result.checkpoint)
-    dev_metrics = {k: v for k, v in chosen_metrics.items() if k.startswith("dev_")}
-    base_dev = {k: v for h in history[:1] if h["step"] == 0 for k, v in h.items() if k.startswith("dev_")}
+    dev_metrics = _dev_only(chosen_metrics)
+    base_dev = _dev_only(history[0]) if history and history[0]["step"] == 0 else {}  # scored before step 1
     info = {
         "run_name": config.run_name, "base_model": config.model.base, "num_workers": config.scaling.num_workers,
         "steps": facts["total_steps"], "checkpoint": chosen.path, "export": ck.export,
