@@ -170,14 +170,11 @@ def _row_sparse_worker(rank, world, port):
 
 def test_row_sparse_embedding_average_equals_the_dense_average():
     """Token-embedding rows averaged over the rows any rank touched == the dense mean (2 gloo processes)."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_row_sparse_worker, args=(2, port), nprocs=2, join=True)
+    from tests.s3server import _free_ports
+
+    mp.spawn(_row_sparse_worker, args=(2, _free_ports(1)[0]), nprocs=2, join=True)
 
 
 def test_job_dry_run_and_bad_config_exit_codes(capsys):
