@@ -44,7 +44,8 @@ class CipherAgentConfig(StrictModel):
     """One transformers model decoding in embedding space."""
 
     model: str = Field("smollm2-135m-instruct", description="Packaged short name, local folder, s3:// folder or hub id")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Weights dtype (float32 is fastest on most CPUs)")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights dtype; auto: bfloat16 on GPUs and CPUs with native bf16, float32 elsewhere")
     torch_threads: int | None = Field(None, ge=1, description="torch threads; None: ceil(num_cpus)")
     num_cpus: float = Field(1, gt=0, description="CPUs this agent asks Ray for")
     max_context_tokens: int = Field(2048, ge=64, description="Most prompt + generated positions per sequence")
@@ -94,7 +95,11 @@ class CipherAgent:
         start = time.perf_counter()
         self.model_path = resolve_model(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        dtype = torch.float32 if config.dtype == "float32" else torch.bfloat16
+        from embedforge.hardware import resolve_dtype
+
+        self.dtype = resolve_dtype(config.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = getattr(torch, self.dtype)
+        log.info("CIPHER agent %s: dtype %s (asked %s)", config.model, self.dtype, config.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).eval()
         emb = self.model.get_input_embeddings()
         scale = float(getattr(emb, "embed_scale", 1.0))

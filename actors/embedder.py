@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -33,6 +33,9 @@ class EmbedderConfig(StrictModel):
     prompt_name: str | None = Field(None, description="Name of a prompt stored in the model's config (e.g. 'query')")
     max_seq_length: int | None = Field(None, ge=8, description="Truncate inputs to this many tokens; None: the model's")
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:0")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Inference dtype; auto: bfloat16 on GPUs and CPUs with native bf16, float32 elsewhere "
+                            "(embeddings are returned as float32 either way)")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None: one per CPU asked for")
     num_cpus: float = Field(1, ge=0, description="CPUs this embedder asks Ray for")
     num_gpus: float = Field(0, ge=0, description="GPUs this embedder asks Ray for")
@@ -59,6 +62,12 @@ class Embedder:
         torch.set_num_threads(self.threads)
         self.model_path = resolve_model(config.model)
         self.model = load_sentence_transformer(self.model_path, device=config.device)
+        from embedforge.hardware import resolve_dtype
+
+        self.dtype = resolve_dtype(config.dtype, config.device)
+        if self.dtype != "float32":
+            self.model.to(getattr(torch, self.dtype))
+        log.info("embedder %s on %s: dtype %s (asked %s)", config.model, config.device, self.dtype, config.dtype)
         if config.max_seq_length:
             self.model.max_seq_length = config.max_seq_length
         self.model.eval()

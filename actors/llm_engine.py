@@ -30,7 +30,9 @@ class LLMEngineConfig(StrictModel):
     """One vLLM engine replica."""
 
     model: str = Field("smollm2-135m-instruct", description="Packaged short name, local folder, s3:// folder or hub id")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="Weights/activations dtype")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights/activations dtype; auto: bfloat16 on GPUs and on CPUs with native bf16 "
+                            "(AVX512_BF16, AMX, Arm BF16), float32 on other CPUs (embedforge.hardware)")
     max_model_len: int = Field(2048, ge=64, description="Context length (prompt + generation), tokens")
     enforce_eager: bool = Field(True, description="Skip torch.compile/CUDA graphs (fast start; right on CPU)")
     kv_cache_gb: float = Field(1.0, gt=0, description="CPU KV cache, GiB (VLLM_CPU_KVCACHE_SPACE)")
@@ -82,12 +84,17 @@ class LLMEngine:
         import torch
 
         torch.set_num_threads(config.num_threads or max(1, int(config.num_cpus)))
+        from embedforge.hardware import cpu_capability, resolve_dtype
+
+        self.dtype = resolve_dtype(config.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+        log.info("vLLM engine for %s: dtype %s (asked %s; CPU capability %s)", config.model, self.dtype,
+                 config.dtype, cpu_capability())
         try:
             from vllm import LLM
 
             self.llm = LLM(
                 model=self.model_path,
-                dtype=config.dtype,
+                dtype=self.dtype,
                 max_model_len=config.max_model_len,
                 enforce_eager=config.enforce_eager,
                 enable_prompt_embeds=config.enable_prompt_embeds,

@@ -6,11 +6,15 @@
    transformers' ``generate`` (greedy, stop at newline, batched with left padding). Times include
    what each path needs to produce its output from a loaded model; the pipeline's time also
    includes starting its engine actor (reported separately where measurable).
-2. Quality: chrF (sacrebleu) of the model's translations of ``stsb_multi_mt`` **dev** English
+2. dtype (``--dtypes bfloat16,float32,auto``): translated sentences/s of the same prompts with
+   the engine in each dtype, each in a fresh process (engine start excluded), and the ratios
+   against bf16; the first lines name the CPU, its vector ISA and what ``auto`` picks on it.
+3. Quality: chrF (sacrebleu) of the model's translations of ``stsb_multi_mt`` **dev** English
    sentences against the DeepL references for de, es, fr, and chrF of the QE-kept vs
    QE-rejected subsets (QE with the default thresholds and multilingual-e5-small cosine).
 
-Run: ``python -m benchmarks.synthesize --n-prompts 256 --hf-prompts 64 --chrf-n 100``
+Run: ``python -m benchmarks.synthesize --n-prompts 256 --hf-prompts 64 --chrf-n 100``;
+the dtype part alone: ``python -m benchmarks.synthesize --only dtypes --dtype-prompts 32``.
 """
 
 from __future__ import annotations
@@ -84,7 +88,9 @@ def bench_transformers(model_path, prompts, max_tokens, batch_size=16):
 
     torch.set_num_threads(os.cpu_count() or 1)
     tok = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
+    from embedforge.hardware import resolve_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, resolve_dtype("auto"))).eval()
     newline = tok.encode("\n", add_special_tokens=False)
     tokens, t0 = 0, time.perf_counter()
     for i in range(0, len(prompts), batch_size):
@@ -102,6 +108,54 @@ def bench_transformers(model_path, prompts, max_tokens, batch_size=16):
                     break
             tokens += n
     return tokens, time.perf_counter() - t0
+
+
+def _one_dtype(model_path: str, dtype: str, n: int) -> None:
+    """Child process: translate ``n`` STS-B train sentences with the engine in ``dtype``; print one JSON line."""
+    import json
+
+    from actors.llm_engine import LLMEngine, LLMEngineConfig
+    from vllm import SamplingParams
+
+    engine = LLMEngine(LLMEngineConfig(model=model_path, dtype=dtype, max_model_len=512, num_threads=os.cpu_count()))
+    prompts, max_tokens = prompts_for(train_sentences(n), engine.tokenizer, "de", 2.0, 16)
+    params = [SamplingParams(max_tokens=m, temperature=0.0, stop=["\n"]) for m in max_tokens]
+    engine.llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = engine.llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    print("DTYPE_RESULT " + json.dumps({"asked": dtype, "resolved": engine.dtype, "sentences": len(prompts),
+                                        "tokens": sum(len(o.outputs[0].token_ids) for o in outs), "wall_s": wall,
+                                        "start_s": engine.start_seconds}), flush=True)
+
+
+def bench_dtypes(model_path: str, dtypes: list[str], n: int) -> dict[str, dict]:
+    """Each dtype in its own process (vLLM does not free an engine's memory reliably in-process)."""
+    import json
+    import subprocess
+    import sys
+
+    from embedforge import hardware
+
+    print(f"machine: {hardware.describe()}")
+    results = {}
+    for dtype in dtypes:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.synthesize", "--model", model_path,
+                               "--_one-dtype", dtype, "--dtype-prompts", str(n)],
+                              capture_output=True, text=True, timeout=3600)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("DTYPE_RESULT ")), None)
+        if line is None:
+            raise RuntimeError(f"dtype {dtype} run failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        r = results[dtype] = json.loads(line.removeprefix("DTYPE_RESULT "))
+        print(f"dtype {dtype} (resolved {r['resolved']}): {r['sentences']} sentences in {r['wall_s']:.1f}s = "
+              f"{r['sentences'] / r['wall_s']:.2f} sentences/s, {r['tokens'] / r['wall_s']:.1f} tok/s "
+              f"(engine start {r['start_s']:.1f}s not included)")
+    if "bfloat16" in results:
+        base = results["bfloat16"]["sentences"] / results["bfloat16"]["wall_s"]
+        for dtype, r in results.items():
+            if dtype != "bfloat16":
+                print(f"RATIO dtype {dtype} / bfloat16 = {r['sentences'] / r['wall_s'] / base:.2f}x sentences/s")
+    return results
 
 
 def bench_quality(engine, langs, n, config):
@@ -148,13 +202,24 @@ def main(argv=None) -> None:
     parser.add_argument("--chrf-n", type=int, default=100)
     parser.add_argument("--langs", default="de,es,fr")
     parser.add_argument("--backends", default="engine", help="comma list of engine,ray_data_llm")
+    parser.add_argument("--dtypes", default="bfloat16,float32,auto", help="engine dtypes compared (sentences/s)")
+    parser.add_argument("--dtype-prompts", type=int, default=32, help="sentences translated per dtype")
+    parser.add_argument("--only", choices=["all", "dtypes"], default="all", help="run one part only")
+    parser.add_argument("--_one-dtype", dest="one_dtype", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.one_dtype:
+        _one_dtype(args.model, args.one_dtype, args.dtype_prompts)
+        return
 
     from embedforge.config import build_config
     from embedforge.models import resolve_model
     from workflows.synthesize.config import SynthesizeConfig
 
     model_path = resolve_model(args.model)
+    if args.dtypes:
+        bench_dtypes(model_path, args.dtypes.split(","), args.dtype_prompts)
+    if args.only == "dtypes":
+        return
     config = build_config(SynthesizeConfig, {
         "inputs": [{"source": "stsb", "split": "train"}], "target_langs": ["de"], "output": "/tmp/unused",
         "translation": {"model": model_path, "prompt_style": "few_shot", "batch_size": 64, "max_model_len": 512}})

@@ -113,3 +113,25 @@ def remote_actor(cls: type, config: Any, ray_config: RayConfig | None = None, **
     fail_fast = (ray_config or RayConfig()).fail_fast_on_missing_gpus
     check_resources(config.num_cpus, config.num_gpus, cls.__name__, fail_fast)
     return ray.remote(**config.ray_options(), **options)(cls).remote(config)
+
+
+def resolve_dtype_on_cluster(requested: str, num_cpus: float, num_gpus: float, timeout_s: float = 300) -> str:
+    """What ``dtype: auto`` resolves to on a worker placed like the model's replicas.
+
+    The driver may run on a CPU head node while engines run on GPU workers (or the reverse), so
+    ``auto`` is resolved by a task with the replicas' resources; the pipeline passes the concrete
+    dtype to its workers and records it in the manifest. Explicit dtypes are returned unchanged.
+    """
+    if requested != "auto":
+        return requested
+    import ray
+
+    from embedforge.hardware import resolve_dtype
+
+    def probe() -> str:
+        return resolve_dtype("auto", "cuda" if num_gpus > 0 else "cpu")
+
+    ref = ray.remote(num_cpus=min(num_cpus, 1), num_gpus=num_gpus)(probe).remote()
+    dtype = ray.get(ref, timeout=timeout_s)
+    log.info("dtype auto resolves to %s on workers with num_gpus=%g", dtype, num_gpus)
+    return dtype

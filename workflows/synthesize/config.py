@@ -37,7 +37,9 @@ class TranslationConfig(StrictModel):
     max_tokens_factor: float = Field(2.0, gt=0, description="max_tokens = ceil(factor x source tokens) + floor")
     max_tokens_floor: int = Field(16, ge=1, description="Tokens added to every max_tokens (short sentences, punctuation)")
     max_model_len: int = Field(1024, ge=64, description="vLLM context length (prompt + generation)")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("bfloat16", description="vLLM dtype")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="vLLM dtype; auto: bfloat16 on GPUs and CPUs with native bf16, float32 elsewhere "
+                            "(resolved on a worker, recorded in the manifest as engine_dtype)")
     kv_cache_gb: float = Field(1.0, gt=0, description="CPU KV cache per replica, GiB")
     enforce_eager: bool = Field(True, description="Skip torch.compile / CUDA graphs (fast start; right on CPU)")
     concurrency: int = Field(1, ge=1, description="Engine replicas (Ray actors), one model copy each")

@@ -51,7 +51,7 @@ import pyarrow as pa
 from embedforge import schemas as S
 from embedforge import storage
 from embedforge.errors import ConfigError, InputError
-from embedforge.runtime import check_resources, init_ray
+from embedforge.runtime import check_resources, init_ray, resolve_dtype_on_cluster
 from workflows.synthesize import prompts as P
 from workflows.synthesize import rows as R
 from workflows.synthesize.config import SynthesizeConfig
@@ -199,7 +199,7 @@ def run_synthesize(config: SynthesizeConfig) -> dict[str, Any]:
     timings["load_s"] = time.perf_counter() - start
     log.info("%d shards planned, %d already committed, %d to do", len(shards), len(shards) - len(todo), len(todo))
 
-    written, generated_tokens, n_unique = [], 0, 0
+    written, generated_tokens, n_unique, engine_dtype = [], 0, 0, None
     if todo:
         sentences = R.unique_sentences(inputs, todo)
         n_unique = sentences.height
@@ -208,8 +208,10 @@ def run_synthesize(config: SynthesizeConfig) -> dict[str, Any]:
             t = config.translation
             check_resources(t.num_cpus, t.num_gpus, "translation.num_gpus", config.ray.fail_fast_on_missing_gpus)
             check_resources(1, config.qe.encoder_num_gpus, "qe.encoder_num_gpus", config.ray.fail_fast_on_missing_gpus)
+            engine_dtype = resolve_dtype_on_cluster(t.dtype, t.num_cpus, t.num_gpus)
+            run_config = config.model_copy(update={"translation": t.model_copy(update={"dtype": engine_dtype})})
             t0 = time.perf_counter()
-            translations = translate_and_score(sentences, config)
+            translations = translate_and_score(sentences, run_config)
             timings["translate_s"] = time.perf_counter() - t0
             generated_tokens = int(translations["num_generated_tokens"].sum())
         else:
@@ -221,7 +223,7 @@ def run_synthesize(config: SynthesizeConfig) -> dict[str, Any]:
             data, quarantine = R.assemble(table, shard, translations, config.inputs[shard.input_index].source)
             rows_in = shard.end - shard.start
             meta = {"config_hash": chash, "lang": shard.lang, "input": table.name, "start": shard.start,
-                    "end": shard.end, "rows_in": rows_in, "kept": data.height, "quarantined": quarantine.height,
+                    "end": shard.end, "engine_dtype": engine_dtype, "rows_in": rows_in, "kept": data.height, "quarantined": quarantine.height,
                     "malformed": int(quarantine[S.REASON].str.starts_with("malformed").sum())}
             if data.height + quarantine.height != rows_in:
                 raise RuntimeError(f"shard {shard.name}: {data.height} kept + {quarantine.height} quarantined "
@@ -244,6 +246,7 @@ def run_synthesize(config: SynthesizeConfig) -> dict[str, Any]:
     manifest = writer.finish({
         "kind": "synthesize", "config_hash": chash, "model": config.translation.model,
         "target_langs": config.target_langs, "inputs": [s.model_dump(mode="json") for s in config.inputs],
+        "engine_dtype": sorted({m.get("engine_dtype") or "unknown" for m in committed.values()}),
         "counts": counts, "unique_sentences_translated": n_unique, "generated_tokens": generated_tokens,
         "shards_written_this_run": written, "timings": timings, "report": report["files"],
         "config": config.model_dump(mode="json"),
