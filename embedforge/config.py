@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 C = TypeVar("C", bound="StrictModel")
 
+# Top-level fields that say where and how a stage runs, not what it computes.
+UNHASHED_FIELDS = ("output", "ray", "overwrite")
+
 
 class StrictModel(BaseModel):
     """Base of every config: frozen, unknown keys rejected, documented fields."""
@@ -40,6 +43,13 @@ class StrictModel(BaseModel):
         """A short stable hash of the resolved config (keys sorted), for output keys."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def content_hash(self) -> str:
+        """Hash of what determines a stage's output: the config without ``output``, ``ray`` and
+        ``overwrite`` (where it writes, how it reaches Ray, whether it may replace). Stages whose
+        outputs do not depend on further fields (replica counts) override this."""
+        body = {k: v for k, v in self.model_dump(mode="json").items() if k not in UNHASHED_FIELDS}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

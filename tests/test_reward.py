@@ -92,6 +92,42 @@ def test_job_dry_run_and_bad_config(capsys):
     assert main(["--config", "configs/reward.yaml", "--set", "llm_feedback.template=no placeholders"]) == 2
 
 
+def test_committed_output_of_another_config_is_refused_never_returned(tmp_path):
+    """The stale-output bug: a changed config writing to a committed output got the old rows back."""
+    from workflows.reward.pipeline import run_reward
+
+    base = {"output": str(tmp_path / "out"), "llm_feedback": {"enabled": False},
+            "cross_encoder": {"eval_data": {"source": "stsb", "split": "dev", "limit": 8}}}
+    old = build_config(RewardConfig, base)
+    writer = storage.ShardedWriter(old.output)
+    writer.write("sts_eval-00000", {"sts_eval": pl.DataFrame({"x": [1]}).to_arrow()},
+                 {"rows": 1, "config_hash": old.content_hash()})
+    writer.finish({"kind": "reward", "config_hash": old.content_hash(), "summary": {"rows": 1}})
+    # same config (only where Ray runs and how many actors differ): the committed output is returned
+    same = build_config(RewardConfig, base, ["ray.num_cpus=8", "scorer.num_actors=2"])
+    assert same.content_hash() == old.content_hash()
+    assert run_reward(same)["skipped"] is True
+    changed = build_config(RewardConfig, base, ["cross_encoder.max_score=4"])
+    assert changed.content_hash() != old.content_hash()
+    with pytest.raises(ConfigError, match="committed by another reward config .*overwrite=true"):
+        run_reward(changed)
+    # not committed yet, but shards of the old config are there: refused too (they would be reused)
+    storage.delete(storage.manifest_uri(old.output))
+    with pytest.raises(ConfigError, match="holds shards of another reward config"):
+        run_reward(changed)
+
+
+def test_job_refuses_a_changed_config_with_exit_2(tmp_path, capsys):
+    from jobs.reward import main
+
+    out = tmp_path / "out"
+    sets = ["--set", f"output={out}", "--set", "llm_feedback.enabled=false"]
+    cfg = build_config(RewardConfig, {"output": str(out), "llm_feedback": {"enabled": False}})
+    storage.commit(str(out), {"kind": "reward", "config_hash": "0" * 16})
+    assert main(["--config", "configs/reward.yaml", *sets]) == 2
+    assert "another reward config" in capsys.readouterr().err and cfg.content_hash() != "0" * 16
+
+
 # ---------------------------------------------------------------- real vLLM
 
 
@@ -253,3 +289,5 @@ def test_pipeline_end_to_end_on_s3_with_quarantine_and_resume(ray_local, s3, tmp
     assert storage.read_bytes(summary["report"][0])[:4] == b"\x89PNG"
     again = run_reward(cfg)
     assert again["skipped"] and again["manifest"]["committed_at"] == summary["manifest"]["committed_at"]
+    with pytest.raises(ConfigError, match="committed by another reward config"):
+        run_reward(cfg.model_copy(update={"llm_feedback": cfg.llm_feedback.model_copy(update={"temperature": 2.0})}))

@@ -141,6 +141,12 @@ class RewardConfig(StrictModel):
     report: bool = Field(True, description="Write the reward histogram and teacher-vs-gold scatter PNGs")
     overwrite: bool = Field(False, description="Delete a committed output and recompute (default: resume/skip)")
 
+    def content_hash(self) -> str:
+        """Hash of what determines the output rows: not where they go, nor how many actors score them."""
+        body = self.model_copy(update={"mining": self.mining.model_copy(update={"num_actors": 1}),
+                                       "scorer": self.scorer.model_copy(update={"num_actors": 1})})
+        return StrictModel.content_hash(body)
+
     @model_validator(mode="after")
     def _something_to_do(self) -> RewardConfig:
         ce = self.cross_encoder

@@ -32,7 +32,7 @@ from embedforge import schemas as S
 from embedforge import storage
 from embedforge.data.spec import DatasetSpec, is_uri, load_dataset
 from embedforge.data.table import load_table
-from embedforge.errors import InputError
+from embedforge.errors import ConfigError, InputError
 from embedforge.runtime import check_resources, init_ray
 from workflows.reward.config import RewardConfig
 from workflows.reward.mining import RANK, SIMILARITY, mine_hard_negatives
@@ -42,6 +42,7 @@ from workflows.reward.scoring import spearman, teacher_distribution
 log = logging.getLogger(__name__)
 
 IS_POSITIVE, TEACHER_PROB, STAGE = "is_positive", "teacher_prob", "stage"
+CONFIG_HASH = "config_hash"
 _SHARD = "_shard"
 QUARANTINE_SCHEMA = pa.schema([(STAGE, pa.string()), (S.REASON, pa.string()), (S.RAW, pa.string())])
 
@@ -125,16 +126,16 @@ def score_shards(rows: pl.DataFrame, task: str, config: RewardConfig, writer: st
             pending[shard].append(part)
             have[shard] += part.height
             if have[shard] == need[shard]:
-                _write_shard(writer, shard, pl.concat(pending.pop(shard)), sub, stage, finalize)
+                _write_shard(writer, shard, pl.concat(pending.pop(shard)), sub, stage, finalize, config.content_hash())
 
 
-def _write_shard(writer, shard: str, df: pl.DataFrame, sub: str, stage: str, finalize) -> None:
+def _write_shard(writer, shard: str, df: pl.DataFrame, sub: str, stage: str, finalize, chash: str) -> None:
     bad = df.filter(pl.col(S.REASON) != "")
     good = df.filter(pl.col(S.REASON) == "").drop(S.REASON, _SHARD)
     if finalize is not None:
         good = finalize(good)
     writer.write(shard, {sub: good.to_arrow(), "quarantine": quarantine_rows(bad, stage)},
-                 {"rows": good.height, "quarantined": bad.height})
+                 {"rows": good.height, "quarantined": bad.height, CONFIG_HASH: chash})
     log.info("shard %s: %d rows, %d quarantined", shard, good.height, bad.height)
 
 
@@ -154,7 +155,7 @@ def run_feedback(config: RewardConfig, writer: storage.ShardedWriter) -> dict[st
     qa, bad = load_rows(fb.data, "qa")
     if bad.height:
         writer.write("feedback-input", {"quarantine": quarantine_rows(bad.select(S.REASON, S.RAW), "llm_feedback")},
-                     {"rows": 0, "quarantined": bad.height})
+                     {"rows": 0, "quarantined": bad.height, CONFIG_HASH: config.content_hash()})
     if qa.height == 0:
         raise InputError(f"llm_feedback.data {fb.data.source!r}: no rows to score")
     qa = qa.with_columns(pl.col(S.CONTEXT).map_elements(doc_id_of, return_dtype=pl.String).alias(S.DOC_ID))
@@ -170,7 +171,8 @@ def run_feedback(config: RewardConfig, writer: storage.ShardedWriter) -> dict[st
             pl.col(S.QID).replace_strict(pos_sim, default=None, return_dtype=pl.Float32).alias(SIMILARITY))
         candidates = pl.concat([gold.with_columns(pl.lit(True).alias(IS_POSITIVE)),
                                 negatives.with_columns(pl.lit(False).alias(IS_POSITIVE))])
-        writer.write("mining", {"candidates": candidates.to_arrow()}, {"rows": candidates.height})
+        writer.write("mining", {"candidates": candidates.to_arrow()},
+                     {"rows": candidates.height, CONFIG_HASH: config.content_hash()})
     passages = qa.select(S.DOC_ID, pl.col(S.CONTEXT).alias(PASSAGE_COLUMN)).unique(S.DOC_ID)
     order = {q: i for i, q in enumerate(qa[S.QID].to_list())}
     pairs = (candidates.join(qa.select(S.QID, S.QUESTION, S.ANSWER), on=S.QID)
@@ -216,7 +218,7 @@ def run_cross_encoder(config: RewardConfig, writer: storage.ShardedWriter) -> di
         rows, bad = load_rows(spec, "scored_pairs")
         if bad.height:
             writer.write(f"{name}-input", {"quarantine": quarantine_rows(bad.select(S.REASON, S.RAW), name)},
-                         {"rows": 0, "quarantined": bad.height})
+                         {"rows": 0, "quarantined": bad.height, CONFIG_HASH: config.content_hash()})
         score_shards(_pairs_with_shards(rows, name, ce.shard_pairs), "cross_encoder", config, writer, name, name)
         scored = read_sub(writer, name)
         n = 0 if scored is None else scored.height
@@ -240,15 +242,39 @@ def quarantine_counts(writer: storage.ShardedWriter) -> tuple[int, int]:
     return rows, bad
 
 
+def check_existing(config: RewardConfig) -> dict[str, Any] | None:
+    """The manifest when ``config.output`` is committed by this config (skip), None when there is
+    nothing to reuse; ConfigError when the output or any of its shards was written by another
+    config (its rows would be returned as this config's)."""
+    chash = config.content_hash()
+    if storage.is_committed(config.output):
+        manifest = storage.read_manifest(config.output)
+        if manifest.get(CONFIG_HASH) != chash:
+            raise ConfigError(f"output {config.output} is committed by another reward config (hash "
+                              f"{manifest.get(CONFIG_HASH)}, this one {chash}); write to a new output or set "
+                              "overwrite=true to recompute")
+        return manifest
+    foreign = sorted(n for n, m in storage.ShardedWriter(config.output).completed().items()
+                     if m.get(CONFIG_HASH) != chash)
+    if foreign:
+        raise ConfigError(f"output {config.output} holds shards of another reward config ({foreign[0]} ...); "
+                          f"write to a new output or set overwrite=true (this config's hash is {chash})")
+    return None
+
+
 def run_reward(config: RewardConfig) -> dict[str, Any]:
-    """Run the enabled stages, commit the output, write the report; return the summary."""
-    init_ray(config.ray)
+    """Run the enabled stages, commit the output, write the report; return the summary.
+
+    A committed output of the same config (``content_hash``) is returned as it is; one of another
+    config, or shards of another config, are refused (ConfigError) unless ``overwrite`` is set.
+    """
     if config.overwrite:
         storage.uncommit(config.output)
-    elif storage.is_committed(config.output):
-        manifest = storage.read_manifest(config.output)
-        log.info("%s is already committed; set overwrite=true to recompute", config.output)
+    manifest = check_existing(config)
+    if manifest is not None:
+        log.info("%s is already committed by this config; set overwrite=true to recompute", config.output)
         return {"output": config.output, "manifest": manifest, "skipped": True, **manifest.get("summary", {})}
+    init_ray(config.ray)
     writer = storage.ShardedWriter(config.output)
     summary: dict[str, Any] = {"output": config.output}
     if config.llm_feedback.enabled:
@@ -268,7 +294,7 @@ def run_reward(config: RewardConfig) -> dict[str, Any]:
         rho = summary.get("cross_encoder", {}).get("sts_eval", {}).get("spearman")
         summary["report"] = write_report(config.output, read_sub(writer, "feedback"), eval_df, rho, summary)
     manifest = writer.finish({"kind": "reward", "config": config.model_dump(mode="json"),
-                              "config_hash": config.config_hash(), "rows": rows, "quarantined": bad,
+                              CONFIG_HASH: config.content_hash(), "rows": rows, "quarantined": bad,
                               "summary": {k: v for k, v in summary.items() if k != "output"}})
     summary["manifest"] = manifest
     return summary
