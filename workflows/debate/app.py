@@ -236,6 +236,26 @@ def build_debate_app(config: DebateConfig) -> Any:
     return ingress.bind(data, handles)
 
 
+def app_builder(args: dict[str, Any]) -> Any:
+    """Serve config entry (``import_path: workflows.debate.app:app_builder``), as in
+    ``serve run configs/serve_apps.yaml`` or a RayService's ``serveConfigV2``.
+
+    ``args`` is ``{"config": "configs/debate.yaml", "set": ["a.b=c", ...]}`` or the DebateConfig
+    fields themselves. The route prefix comes from the Serve config, not from ``http``.
+    """
+    from embedforge.config import build_config, load_config
+    from embedforge.errors import ConfigError
+
+    args = dict(args or {})
+    if "config" in args:
+        config = load_config(DebateConfig, args.pop("config"), list(args.pop("set", [])))
+        if args:
+            raise ConfigError(f"app args: unexpected keys {sorted(args)} beside 'config' (put overrides in 'set')")
+    else:
+        config = build_config(DebateConfig, args)
+    return build_debate_app(config)
+
+
 def run_debate_service(config: DebateConfig) -> dict[str, Any]:
     """Start Serve, deploy the debate app, wait until healthy, commit endpoint.json (when ``output``)."""
     from ray import serve
