@@ -4,6 +4,17 @@ Wraps :class:`actors.llm_engine.LLMEngine`; nothing is generated for rewards (pr
 log-probabilities of the answer), and one token is generated for cross-encoder scores (its
 top log-probs) unless ``method="score_tokens"`` scores every score token as a continuation.
 
+* reward of a (query, candidate) pair, LLM-Embedder (Zhang et al. 2023, "Retrieve Anything To
+  Augment Large Language Models"): ``r = (1/|a|) * sum_t log p(a_t | prompt(candidate, query), a_<t)``;
+* LLM cross-encoder (DSE, "Distilled Sentence Embedding"): with the next-token log-probs ``l_k``
+  of the score tokens ``k = 0..K``, the expected score is ``sum_k k * softmax(l)_k / K`` in [0, 1]
+  (renormalized over the score tokens), and the mass ``sum_k exp(l_k)`` says how much of the
+  distribution the score tokens hold.
+
+Prompt building and that math are pure functions at the top of this module (no model), so tests
+check them alone. The scorer takes only its prompt configs (:class:`FeedbackPromptConfig`,
+:class:`CrossEncoderPromptConfig`); the reward workflow's configs extend them with data and batching.
+
 Use in Ray Data::
 
     ds.map_batches(RewardScorer, fn_constructor_kwargs={"engine": engine_cfg, "task": "feedback",
@@ -17,16 +28,16 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from actors.llm_engine import LLMEngine, LLMEngineConfig
+from embedforge.config import StrictModel
 from embedforge.errors import EngineError, InputError
 from embedforge.schemas import ANSWER, REASON, SENTENCE1, SENTENCE2, require_columns
-from workflows.reward import prompts as P
-from workflows.reward.config import CrossEncoderConfig, LLMFeedbackConfig
-from workflows.reward.scoring import expected_score, expected_score_from_list, mean_logprob
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +45,144 @@ QUERY_COLUMN, PASSAGE_COLUMN = "query", "passage"
 REWARD, N_ANSWER_TOKENS = "reward", "n_answer_tokens"
 TEACHER_SCORE, SCORE_MASS = "teacher_score", "score_mass"
 TOP_LOGPROBS = 20
+
+DEFAULT_FEEDBACK_TEMPLATE = (
+    "Read the passage and answer the question.\n\nPassage: {passage}\n\nQuestion: {query}"
+)
+# Five few-shot examples from the STS-B *train* split (gold scores rounded); the teacher is
+# measured on dev. With SmolLM2-135M they lifted dev Spearman from about -0.1 (zero-shot) to
+# about 0.2 (150 dev pairs).
+DEFAULT_CROSS_ENCODER_TEMPLATE = (
+    "Rate how similar in meaning two sentences are, from 0 (unrelated) to 5 (same meaning).\n\n"
+    "Sentence 1: A plane is taking off.\nSentence 2: An air plane is taking off.\nSimilarity (0-5): 5\n\n"
+    "Sentence 1: A man is playing guitar.\nSentence 2: A boy is playing a guitar.\nSimilarity (0-5): 3\n\n"
+    "Sentence 1: A woman is dancing.\nSentence 2: A man is eating.\nSimilarity (0-5): 0\n\n"
+    "Sentence 1: Someone is feeding a animal.\nSentence 2: Someone is playing a piano.\nSimilarity (0-5): 0\n\n"
+    "Sentence 1: A woman splits garlic cloves.\nSentence 2: A woman is breaking a head of garlic into cloves.\n"
+    "Similarity (0-5): 5\n\n"
+    "Sentence 1: {sentence1}\nSentence 2: {sentence2}"
+)
+
+ChatRenderer = Callable[[Sequence[dict[str, str]]], str]
+P = TypeVar("P", bound=StrictModel)
+
+
+# ---------------------------------------------------------------- configs
+
+
+class FeedbackPromptConfig(StrictModel):
+    """How a (query, passage, answer) row becomes a prompt and a scored continuation."""
+
+    template: str = Field(DEFAULT_FEEDBACK_TEMPLATE, description="Prompt with {passage} and {query}")
+    chat_template: bool = Field(True, description="Wrap the prompt in the model's chat template (user turn)")
+    answer_prefix: str = Field(" ", description="Text put before the answer when no chat template is used")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> FeedbackPromptConfig:
+        if "{passage}" not in self.template or "{query}" not in self.template:
+            raise ValueError("llm_feedback.template must contain {passage} and {query}")
+        return self
+
+
+class CrossEncoderPromptConfig(StrictModel):
+    """The LLM as a cross-encoder: expected score over the next-token distribution of '0'..'max_score'."""
+
+    method: Literal["top_logprobs", "score_tokens"] = Field(
+        "top_logprobs",
+        description="top_logprobs: one generated token with its top-20 log-probs (one pass, tokens outside the "
+                    "top-20 count as 0); score_tokens: prompt log-prob of every score token (exact, 6 passes)",
+    )
+    template: str = Field(DEFAULT_CROSS_ENCODER_TEMPLATE, description="Prompt with {sentence1} and {sentence2}")
+    chat_template: bool = Field(True, description="Wrap the prompt in the model's chat template (user turn)")
+    response_prefix: str = Field("Similarity (0-5): ",
+                                 description="Text put after the prompt (the start of the assistant's answer) "
+                                             "right before the score digit")
+    score_prefix: str = Field("", description="Text inside the score token before the digit (' ' for tokenizers "
+                                              "where ' 3' is one token); every score string must be one token")
+    max_score: int = Field(5, ge=1, le=9, description="Score tokens are '0'..str(max_score)")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> CrossEncoderPromptConfig:
+        if "{sentence1}" not in self.template or "{sentence2}" not in self.template:
+            raise ValueError("cross_encoder.template must contain {sentence1} and {sentence2}")
+        return self
+
+
+def prompt_config(cls: type[P], value: StrictModel | dict[str, Any] | None) -> P:
+    """``value`` narrowed to ``cls``'s fields (a workflow config that extends ``cls`` passes its own)."""
+    if isinstance(value, StrictModel):
+        value = value.model_dump(include=set(cls.model_fields))
+    return cls.model_validate(value or {})
+
+
+# ---------------------------------------------------------------- prompts (pure)
+
+
+def feedback_message(template: str, query: str, passage: str) -> str:
+    """The user message asking the LLM to answer ``query`` from ``passage``."""
+    return template.format(query=query.strip(), passage=passage.strip())
+
+
+def cross_encoder_message(template: str, sentence1: str, sentence2: str) -> str:
+    """The user message asking the LLM to rate the similarity of two sentences."""
+    return template.format(sentence1=sentence1.strip(), sentence2=sentence2.strip())
+
+
+def render(message: str, chat: ChatRenderer | None, plain_suffix: str) -> str:
+    """Text to score: the chat-templated user turn (ready for the assistant), or message + suffix.
+
+    The continuation that is scored (the answer, or a score digit) is never part of the prompt:
+    the engine tokenizes it on its own.
+    """
+    if chat is not None:
+        return chat([{"role": "user", "content": message}])
+    return message + plain_suffix
+
+
+def answer_continuation(answer: str, chat: bool, answer_prefix: str) -> str:
+    """The scored continuation: the answer as the assistant's first words, or after ``answer_prefix``."""
+    answer = answer.strip()
+    return answer if chat else answer_prefix + answer
+
+
+def score_strings(max_score: int, prefix: str) -> list[str]:
+    """The score continuations ``prefix + '0'`` .. ``prefix + str(max_score)``."""
+    return [f"{prefix}{i}" for i in range(max_score + 1)]
+
+
+# ---------------------------------------------------------------- score math (pure)
+
+
+def mean_logprob(token_logprobs: Sequence[float]) -> float:
+    """Mean per-token log-probability of a continuation (the reward)."""
+    if len(token_logprobs) == 0:
+        raise InputError("a reward needs at least one answer token; the answer is empty")
+    return float(np.mean(np.asarray(token_logprobs, dtype=np.float64)))
+
+
+def expected_score(logprobs: Mapping[int, float], score_token_ids: Sequence[int]) -> tuple[float, float]:
+    """``(expected score in [0, 1], probability mass on the score tokens)``.
+
+    ``logprobs`` maps token id -> log-prob (e.g. vLLM's top-20 of one generated step); score
+    tokens missing from it count as probability 0. Raises InputError if none is present.
+    """
+    present = [(k, logprobs[t]) for k, t in enumerate(score_token_ids) if t in logprobs]
+    if not present:
+        raise InputError("no score token among the top log-probs; the model did not answer with a score")
+    ks = np.array([k for k, _ in present], dtype=np.float64)
+    lps = np.array([lp for _, lp in present], dtype=np.float64)
+    shifted = np.exp(lps - lps.max())
+    probs = shifted / shifted.sum()
+    max_k = len(score_token_ids) - 1
+    return float((probs * ks).sum() / max_k), float(np.exp(lps).sum())
+
+
+def expected_score_from_list(score_logprobs: Sequence[float]) -> tuple[float, float]:
+    """Same as :func:`expected_score` when every score token's log-prob is known (index = score)."""
+    return expected_score(dict(enumerate(score_logprobs)), list(range(len(score_logprobs))))
+
+
+# ---------------------------------------------------------------- the worker
 
 
 class RewardScorer:
@@ -43,19 +192,17 @@ class RewardScorer:
         self,
         engine: LLMEngineConfig | dict[str, Any] | LLMEngine | None = None,
         task: Literal["feedback", "cross_encoder"] = "feedback",
-        feedback: LLMFeedbackConfig | dict[str, Any] | None = None,
-        cross_encoder: CrossEncoderConfig | dict[str, Any] | None = None,
+        feedback: FeedbackPromptConfig | dict[str, Any] | None = None,
+        cross_encoder: CrossEncoderPromptConfig | dict[str, Any] | None = None,
     ):
         self.engine = engine if isinstance(engine, LLMEngine) else LLMEngine(engine)
         self.task = task
-        self.feedback = LLMFeedbackConfig.model_validate(feedback or {}) if not isinstance(
-            feedback, LLMFeedbackConfig) else feedback
-        self.cross_encoder = CrossEncoderConfig.model_validate(cross_encoder or {}) if not isinstance(
-            cross_encoder, CrossEncoderConfig) else cross_encoder
+        self.feedback = prompt_config(FeedbackPromptConfig, feedback)
+        self.cross_encoder = prompt_config(CrossEncoderPromptConfig, cross_encoder)
         self.max_len = self.engine.config.max_model_len
         if task == "cross_encoder":
             ce = self.cross_encoder
-            self.score_strings = P.score_strings(ce.max_score, ce.score_prefix)
+            self.score_strings = score_strings(ce.max_score, ce.score_prefix)
             ids = [self.engine.tokenizer.encode(s, add_special_tokens=False) for s in self.score_strings]
             bad = [s for s, i in zip(self.score_strings, ids) if len(i) != 1]
             if bad:
@@ -69,14 +216,14 @@ class RewardScorer:
 
     def feedback_prompt(self, query: str, passage: str) -> str:
         fb = self.feedback
-        return P.render(P.feedback_message(fb.template, query, passage), self._chat(fb.chat_template), "\n\nAnswer:")
+        return render(feedback_message(fb.template, query, passage), self._chat(fb.chat_template), "\n\nAnswer:")
 
     def feedback_continuation(self, answer: str) -> str:
-        return P.answer_continuation(answer, self.feedback.chat_template, self.feedback.answer_prefix)
+        return answer_continuation(answer, self.feedback.chat_template, self.feedback.answer_prefix)
 
     def cross_encoder_prompt(self, sentence1: str, sentence2: str) -> str:
         ce = self.cross_encoder
-        return P.render(P.cross_encoder_message(ce.template, sentence1, sentence2), self._chat(ce.chat_template),
+        return render(cross_encoder_message(ce.template, sentence1, sentence2), self._chat(ce.chat_template),
                         "\n") + ce.response_prefix
 
     def _too_long(self, prompts: list[str], extra: list[int]) -> list[str]:

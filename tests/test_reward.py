@@ -11,10 +11,11 @@ import pytest
 from embedforge import storage
 from embedforge.config import build_config, load_config
 from embedforge.errors import ConfigError, InputError
-from workflows.reward import prompts as P
+from actors import reward_scorer as P
 from workflows.reward.config import RewardConfig
 from workflows.reward.mining import select_candidates
-from workflows.reward.scoring import expected_score, mean_logprob, softmax, spearman, teacher_distribution
+from actors.reward_scorer import expected_score, mean_logprob
+from workflows.reward.scoring import softmax, spearman, teacher_distribution
 
 pytestmark = pytest.mark.timeout(600)
 

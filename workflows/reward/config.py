@@ -12,33 +12,14 @@ Example (``configs/reward.yaml``)::
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from actors.embedder import EmbedderConfig
 from actors.llm_engine import LLMEngineConfig
+from actors.reward_scorer import CrossEncoderPromptConfig, FeedbackPromptConfig
 from embedforge.config import StrictModel
 from embedforge.data.spec import DatasetSpec, is_test_split
 from embedforge.runtime import RayConfig
-
-DEFAULT_FEEDBACK_TEMPLATE = (
-    "Read the passage and answer the question.\n\nPassage: {passage}\n\nQuestion: {query}"
-)
-# Five few-shot examples from the STS-B *train* split (gold scores rounded); the teacher is
-# measured on dev. With SmolLM2-135M they lifted dev Spearman from about -0.1 (zero-shot) to
-# about 0.2 (150 dev pairs).
-DEFAULT_CROSS_ENCODER_TEMPLATE = (
-    "Rate how similar in meaning two sentences are, from 0 (unrelated) to 5 (same meaning).\n\n"
-    "Sentence 1: A plane is taking off.\nSentence 2: An air plane is taking off.\nSimilarity (0-5): 5\n\n"
-    "Sentence 1: A man is playing guitar.\nSentence 2: A boy is playing a guitar.\nSimilarity (0-5): 3\n\n"
-    "Sentence 1: A woman is dancing.\nSentence 2: A man is eating.\nSimilarity (0-5): 0\n\n"
-    "Sentence 1: Someone is feeding a animal.\nSentence 2: Someone is playing a piano.\nSimilarity (0-5): 0\n\n"
-    "Sentence 1: A woman splits garlic cloves.\nSentence 2: A woman is breaking a head of garlic into cloves.\n"
-    "Similarity (0-5): 5\n\n"
-    "Sentence 1: {sentence1}\nSentence 2: {sentence2}"
-)
-
 
 class MiningConfig(StrictModel):
     """Hard-negative mining: embed, search, keep the top-k non-positives."""
@@ -56,17 +37,15 @@ class MiningConfig(StrictModel):
     )
 
 
-class LLMFeedbackConfig(StrictModel):
-    """LLM-Embedder rewards: r = mean log p(answer | prompt(candidate, query))."""
+class LLMFeedbackConfig(FeedbackPromptConfig):
+    """LLM-Embedder rewards: r = mean log p(answer | prompt(candidate, query)); the prompt fields are
+    :class:`actors.reward_scorer.FeedbackPromptConfig`'s (``template``, ``chat_template``, ``answer_prefix``)."""
 
     enabled: bool = Field(True, description="Mine candidates and score them with the LLM")
     data: DatasetSpec = Field(
         DatasetSpec(source="xquad", split="train", lang="en"),
         description="QA data (qid, question, context, answer, lang, article); xquad is split by article",
     )
-    template: str = Field(DEFAULT_FEEDBACK_TEMPLATE, description="Prompt with {passage} and {query}")
-    chat_template: bool = Field(True, description="Wrap the prompt in the model's chat template (user turn)")
-    answer_prefix: str = Field(" ", description="Text put before the answer when no chat template is used")
     temperature: float = Field(1.0, gt=0.0, description="T of the per-query teacher distribution softmax(r / T)")
     batch_size: int = Field(32, ge=1, description="(query, candidate) pairs per vLLM call")
     shard_queries: int = Field(64, ge=1, description="Queries per output shard (the unit of resume)")
@@ -76,28 +55,14 @@ class LLMFeedbackConfig(StrictModel):
         if self.enabled and is_test_split(self.data):
             raise ValueError(f"llm_feedback.data split {self.data.split!r} reads test data; rewards train the "
                              "embedder, so use split=train (xquad test articles are held out)")
-        if "{passage}" not in self.template or "{query}" not in self.template:
-            raise ValueError("llm_feedback.template must contain {passage} and {query}")
         return self
 
 
-class CrossEncoderConfig(StrictModel):
-    """The LLM as a cross-encoder: expected score over the next-token distribution of '0'..'5'."""
+class CrossEncoderConfig(CrossEncoderPromptConfig):
+    """The LLM as a cross-encoder; the prompt and score fields are
+    :class:`actors.reward_scorer.CrossEncoderPromptConfig`'s (``method``, ``template``, ``max_score`` ...)."""
 
     enabled: bool = Field(True, description="Score sentence pairs with the LLM")
-    method: Literal["top_logprobs", "score_tokens"] = Field(
-        "top_logprobs",
-        description="top_logprobs: one generated token with its top-20 log-probs (one pass, tokens outside the "
-                    "top-20 count as 0); score_tokens: prompt log-prob of every score token (exact, 6 passes)",
-    )
-    template: str = Field(DEFAULT_CROSS_ENCODER_TEMPLATE, description="Prompt with {sentence1} and {sentence2}")
-    chat_template: bool = Field(True, description="Wrap the prompt in the model's chat template (user turn)")
-    response_prefix: str = Field("Similarity (0-5): ",
-                                 description="Text put after the prompt (the start of the assistant's answer) "
-                                             "right before the score digit")
-    score_prefix: str = Field("", description="Text inside the score token before the digit (' ' for tokenizers "
-                                              "where ' 3' is one token); every score string must be one token")
-    max_score: int = Field(5, ge=1, le=9, description="Score tokens are '0'..str(max_score)")
     eval_data: DatasetSpec | None = Field(
         DatasetSpec(source="stsb", split="dev", limit=200),
         description="Scored pairs to measure Spearman(teacher, gold) on (a dev split, never test); None: skip",
@@ -115,8 +80,6 @@ class CrossEncoderConfig(StrictModel):
         if self.eval_data is not None and is_test_split(self.eval_data):
             raise ValueError("cross_encoder.eval_data reads a test split; measure the teacher on dev "
                              "(test splits are for final numbers of the trained embedder)")
-        if "{sentence1}" not in self.template or "{sentence2}" not in self.template:
-            raise ValueError("cross_encoder.template must contain {sentence1} and {sentence2}")
         return self
 
 

@@ -27,7 +27,16 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from actors.reward_scorer import PASSAGE_COLUMN, QUERY_COLUMN, REWARD, TEACHER_SCORE, RewardScorer
+from actors.reward_scorer import (
+    PASSAGE_COLUMN,
+    QUERY_COLUMN,
+    REWARD,
+    TEACHER_SCORE,
+    CrossEncoderPromptConfig,
+    FeedbackPromptConfig,
+    RewardScorer,
+    prompt_config,
+)
 from embedforge import schemas as S
 from embedforge import storage
 from embedforge.data.spec import DatasetSpec, is_uri, load_dataset
@@ -109,8 +118,10 @@ def score_shards(rows: pl.DataFrame, task: str, config: RewardConfig, writer: st
     blocks = [table.slice(i, bs) for i in range(0, table.num_rows, bs)]
     ds = ray.data.from_arrow(blocks).map_batches(
         RewardScorer,
-        fn_constructor_kwargs={"engine": sc.engine, "task": task, "feedback": config.llm_feedback,
-                               "cross_encoder": config.cross_encoder},
+        # the scorer takes its own prompt configs, not the workflow's extensions of them
+        fn_constructor_kwargs={"engine": sc.engine, "task": task,
+                               "feedback": prompt_config(FeedbackPromptConfig, config.llm_feedback),
+                               "cross_encoder": prompt_config(CrossEncoderPromptConfig, config.cross_encoder)},
         compute=ray.data.ActorPoolStrategy(size=sc.num_actors),
         batch_size=bs,
         batch_format="numpy",
