@@ -1,6 +1,6 @@
 """CipherAgent: a debate agent that speaks in embeddings (CIPHER), exact decoding with transformers.
 
-At every step the agent computes ``e_t = softmax(logits_t / T) @ E`` (``workflows.debate.cipher``)
+At every step the agent computes ``e_t = softmax(logits_t / T) @ E`` (``embedforge.cipher``)
 and feeds ``e_t`` back as the next *input embedding* through ``AutoModelForCausalLM`` with
 ``inputs_embeds`` and the KV cache (``past_key_values``); it stops when the nearest vocabulary
 embedding of ``e_t`` is EOS or at ``max_tokens``. Prompts are batched over questions with left
@@ -13,7 +13,7 @@ hand-written here for that reason (``generate`` in transformers has the same lim
 
 Messages for other agents are the same per-step distributions averaged over each *receiver's*
 embedding matrix (the receiver-matrix rule); receivers must share this agent's tokenizer
-(:class:`~workflows.debate.cipher.TokenizerMismatchError` otherwise).
+(:class:`~embedforge.cipher.TokenizerMismatchError` otherwise).
 
 Example::
 
@@ -104,7 +104,7 @@ class CipherAgent:
         emb = self.model.get_input_embeddings()
         scale = float(getattr(emb, "embed_scale", 1.0))
         self.embedding_matrix = emb.weight.detach().float() * scale
-        from workflows.debate.cipher import normalized_rows
+        from embedforge.cipher import normalized_rows
 
         self._unit_rows = normalized_rows(self.embedding_matrix)
         self.eos_ids = self._eos_ids()
@@ -129,7 +129,7 @@ class CipherAgent:
         from transformers import AutoTokenizer
 
         from embedforge.models import resolve_model
-        from workflows.debate.cipher import check_same_tokenizer
+        from embedforge.cipher import check_same_tokenizer
 
         path = resolve_model(source)
         if Path(path).resolve() == Path(self.model_path).resolve():
@@ -149,7 +149,7 @@ class CipherAgent:
         import numpy as np
         import torch
 
-        from workflows.debate.protocol import Vectors
+        from embedforge.dialogue import Vectors
 
         parts, n_text = [], 0
         hidden = self.embedding_matrix.shape[1]
@@ -202,7 +202,7 @@ class CipherAgent:
         """
         import torch
 
-        from workflows.debate.cipher import cipher_step
+        from embedforge.cipher import cipher_step
 
         if max_tokens < 1:
             raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -259,7 +259,7 @@ class CipherAgent:
         ``receivers`` maps receiver names (how the debate names agents' models) to model sources;
         each reply's ``vectors`` holds the message averaged over every receiver's matrix.
         """
-        from workflows.debate.protocol import AgentReply, render_segments
+        from embedforge.dialogue import AgentReply, render_segments
 
         matrices = {name: self.receiver_matrix(src) for name, src in (receivers or {}).items()}
         start = time.perf_counter()

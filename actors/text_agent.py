@@ -79,7 +79,7 @@ class TextAgent:
         receivers: dict[str, str] | None = None,
     ) -> list[Any]:
         """One debate round for a batch of conversations -> ``AgentReply`` each (``receivers`` unused)."""
-        from workflows.debate.protocol import AgentReply, to_chat
+        from embedforge.dialogue import AgentReply, to_chat
 
         chats = [to_chat(turns) for turns in conversations]
         start = time.perf_counter()

@@ -161,7 +161,7 @@ def test_render_segments_places_vectors_inside_template():
 def test_expected_embedding_and_stop_rule_pure():
     import torch
 
-    from workflows.debate import cipher as C
+    from embedforge import cipher as C
 
     torch.manual_seed(0)
     E = torch.randn(10, 4)
@@ -293,7 +293,7 @@ def test_receiver_matrix_rule(tiny_paths, tiny_agent):
 
 
 def test_tokenizer_mismatch_is_a_clear_error(tiny_paths, tiny_agent):
-    from workflows.debate.cipher import TokenizerMismatchError
+    from embedforge.cipher import TokenizerMismatchError
 
     with pytest.raises(TokenizerMismatchError, match="must share a tokenizer"):
         tiny_agent.receiver_matrix(tiny_paths["other"])
@@ -554,7 +554,7 @@ def test_gemma_tokenizer_mismatch_with_smollm(smollm_path):
     from transformers import AutoTokenizer
 
     from embedforge.models import resolve_model
-    from workflows.debate.cipher import TokenizerMismatchError, check_same_tokenizer
+    from embedforge.cipher import TokenizerMismatchError, check_same_tokenizer
 
     gemma = resolve_model("gemma-3-270m")
     with pytest.raises(TokenizerMismatchError, match="must share a tokenizer"):

@@ -29,9 +29,15 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Literal
+
+# The message types are shared with the agents (actors/), so they live in embedforge; re-exported here.
+from embedforge.dialogue import AgentReply, Segment, Turn, Vectors, render_segments, to_chat
+
+__all__ = ["AgentReply", "Segment", "Turn", "Vectors", "render_segments", "to_chat", "round_conversation",
+           "extract_answer", "answers_equal", "majority_vote", "final_answer", "check_debate", "next_round",
+           "normalize_number", "QUESTION_PROMPT"]
 
 Mode = Literal["cipher", "natural", "single"]
 
@@ -47,51 +53,6 @@ UPDATE_PROMPT = (
     "response? Examine your solution and the solutions of the other agents step by step. End your "
     "response with the final answer as a single number on its own line, in the form '#### <number>'."
 )
-
-
-@dataclass
-class Vectors:
-    """A slot of ``[n, hidden]`` vectors (numpy or torch) inside a message, with who sent it."""
-
-    data: Any
-    sender: int = -1
-
-    def __len__(self) -> int:
-        return int(self.data.shape[0])
-
-
-Segment = str | Vectors
-
-
-@dataclass
-class Turn:
-    role: Literal["system", "user", "assistant"]
-    segments: list[Segment]
-
-    def text(self) -> str:
-        """The turn as plain text (raises if it still holds vectors)."""
-        if any(isinstance(s, Vectors) for s in self.segments):
-            raise TypeError("this turn holds vector segments; render it with render_segments")
-        return "".join(self.segments)  # type: ignore[arg-type]
-
-
-@dataclass
-class AgentReply:
-    """What one agent answered in one round: decoded text and, for CIPHER, the vectors sent."""
-
-    text: str
-    completion_tokens: int
-    prompt_tokens: int = 0
-    vectors: dict[str, Any] = field(default_factory=dict)  # receiver model -> [n, hidden]
-    seconds: float = 0.0
-
-    def message(self, receiver: str | None, sender: int) -> Segment:
-        """The segment a receiver gets: the vectors averaged over its embedding matrix, else text."""
-        if receiver is not None:
-            if receiver not in self.vectors:
-                raise KeyError(f"agent {sender} sent no vectors for receiver model {receiver!r}")
-            return Vectors(self.vectors[receiver], sender)
-        return self.text
 
 
 def round_conversation(
@@ -116,48 +77,6 @@ def round_conversation(
     segments.append(UPDATE_PROMPT)
     turns.append(Turn("user", segments))
     return turns
-
-
-def to_chat(turns: Sequence[Turn]) -> list[dict[str, str]]:
-    """Text-only turns as chat messages for a chat template / vLLM ``chat``."""
-    return [{"role": t.role, "content": t.text()} for t in turns]
-
-
-SLOT = "\x00slot{}\x00"  # a marker no tokenizer or question produces; split on after templating
-_SLOT_RE = re.compile("\x00slot(\\d+)\x00")
-
-
-def render_segments(turns: Sequence[Turn], apply_template: Callable[[list[dict[str, str]]], str]) -> list[Segment]:
-    """The chat-templated prompt as segments: template text, with every vector slot in place.
-
-    Each vector slot is replaced by a marker, the chat template renders the conversation, and the
-    result is split on the markers: the text between slots is exactly what the template puts there.
-    """
-    slots: list[Vectors] = []
-    messages = []
-    for t in turns:
-        parts = []
-        for s in t.segments:
-            if isinstance(s, Vectors):
-                parts.append(SLOT.format(len(slots)))
-                slots.append(s)
-            else:
-                if "\x00" in s:
-                    raise ValueError("text segments must not contain NUL characters")
-                parts.append(s)
-        messages.append({"role": t.role, "content": "".join(parts)})
-    rendered = apply_template(messages)
-    pieces = _SLOT_RE.split(rendered)
-    out: list[Segment] = []
-    for k, piece in enumerate(pieces):
-        if k % 2 == 0:
-            if piece:
-                out.append(piece)
-        else:
-            out.append(slots[int(piece)])
-    if sum(isinstance(s, Vectors) for s in out) != len(slots):
-        raise ValueError("the chat template dropped or duplicated a vector slot")
-    return out
 
 
 # ---------------------------------------------------------------- answers

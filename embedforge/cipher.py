@@ -13,7 +13,8 @@
   vectors in its own input space.
 
 Everything here takes tensors and returns tensors; the agent (``actors/cipher_agent.py``)
-calls these functions step by step.
+calls these functions step by step. It sits in ``embedforge`` because the agent (actors) and the
+debate workflow both use it, and actors import nothing from workflows.
 """
 
 from __future__ import annotations
