@@ -2,7 +2,8 @@
 
 Each stage's output lives at ``<output>/<stage>/<key>``, where ``key`` hashes the stage's
 resolved config (references to earlier stages replaced by their output URIs, so a change
-upstream changes every key downstream). A stage whose output is committed and whose summary
+upstream changes every key downstream) and the data snapshot of the datasets it reads
+(:mod:`workflows.pipeline.snapshot`: new data under the same config gets a new key). A stage whose output is committed and whose summary
 record ``<output>/stages/<stage>-<key>.json`` exists is skipped; everything else runs. The
 lineage file ``<output>/lineage/<name>.json`` records, for each stage, its config, key,
 output, manifest, code version and timings: which data, config and code made each model.
@@ -27,6 +28,7 @@ from embedforge import storage
 from embedforge.errors import EmbedforgeError
 from embedforge.runtime import init_ray
 from workflows.pipeline.config import PipelineConfig
+from workflows.pipeline.snapshot import input_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,13 @@ def code_version() -> dict[str, str]:
     return out
 
 
-def stage_key(stage: str, resolved: dict[str, Any], content_hash: str | None = None) -> str:
+def stage_key(stage: str, resolved: dict[str, Any], content_hash: str | None = None,
+              inputs: dict[str, str] | None = None) -> str:
     """Key of a stage's output: its config without output/ray, or the stage's own content hash
-    (which also leaves out how many replicas produce the rows) when it defines one."""
+    (which also leaves out how many replicas produce the rows) when it defines one, plus the
+    fingerprints of the datasets it reads (:func:`workflows.pipeline.snapshot.input_snapshot`)."""
     data = content_hash or {k: v for k, v in resolved.items() if k not in ("output", "ray")}
-    blob = json.dumps({"stage": stage, "config": data}, sort_keys=True, default=str).encode()
+    blob = json.dumps({"stage": stage, "config": data, "inputs": inputs or {}}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -119,7 +123,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             continue
         probe = config.build_stage(stage, lookup, output="/pending")
         own_hash = probe.content_hash() if hasattr(probe, "content_hash") else None
-        key = stage_key(stage, probe.model_dump(mode="json"), own_hash)
+        inputs = input_snapshot(probe.model_dump(mode="json"), root)
+        key = stage_key(stage, probe.model_dump(mode="json"), own_hash, inputs)
         output = storage.join(root, stage, key)
         stage_config = config.build_stage(stage, lookup, output=output)
         record_uri = storage.join(root, "stages", f"{stage}-{key}.json")
@@ -135,6 +140,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         summaries[stage] = summary
         lineage["stages"][stage] = {
             "status": status, "key": key, "output": output, "seconds": round(time.time() - start, 1),
+            "inputs": inputs,
             "config": stage_config.model_dump(mode="json"),
             "manifest": storage.read_manifest(output) if storage.is_committed(output) else None,
         }
@@ -162,5 +168,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     lineage["finished_at"] = time.time()
     lineage_uri = storage.join(root, "lineage", f"{config.name}.json")
     storage.write_json(lineage_uri, lineage)
+    # Every run's record stays (the file above is the latest): which night promoted or rejected what.
+    started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(lineage["started_at"]))
+    storage.write_json(storage.join(root, "lineage", config.name, f"{started}.json"), lineage)
     return {"output": root, "lineage": lineage_uri, "stages": {s: v["status"] for s, v in lineage["stages"].items()},
             "summaries": summaries, "promote": promote}
