@@ -4,8 +4,9 @@ Runs synthesize -> reward -> train -> gate -> evaluate -> deploy (each optional)
 a rerun skips stages whose outputs are complete. Through Ray Jobs:
 ``ray job submit --working-dir . -- python -m jobs.pipeline --config configs/pipeline.yaml``.
 
-Exit codes: 0 done (model promoted, or no gate); 3 the gate rejected the new model (nothing
-was deployed); 2 bad config; 1 any other error.
+Exit codes: 0 done (model promoted, or no gate); ``reject_exit_code`` (3 unless set; the nightly
+config sets 0) the gate rejected the new model (nothing new was deployed); 2 bad config; 1 any
+other error, also when another run holds the output root's lease (``lease_ttl_s``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import sys
 from embedforge import storage
 from embedforge.config import run_job
 from workflows.pipeline.config import PipelineConfig
-
-EXIT_REJECTED = 3
 
 
 def _row(label: str, value: float | None, base: float | None) -> str:
@@ -28,9 +27,14 @@ def _row(label: str, value: float | None, base: float | None) -> str:
 
 
 def pipeline(config: PipelineConfig) -> int:
+    from contextlib import nullcontext
+
+    from workflows.pipeline.lease import RunLease
     from workflows.pipeline.run import run_pipeline
 
-    result = run_pipeline(config)
+    lease = RunLease(config.output, config.lease_ttl_s, config.name) if config.lease_ttl_s else nullcontext()
+    with lease:
+        result = run_pipeline(config)
     s = result["summaries"]
     print("\n=== embedforge pipeline:", config.name, "===")
     for stage, status in result["stages"].items():
@@ -63,7 +67,7 @@ def pipeline(config: PipelineConfig) -> int:
         d = s["deploy"]
         print(f"served at {d['embeddings']} ; sample: {d['sample']}")
     print(f"lineage: {result['lineage']}")
-    return 0 if result["promote"] else EXIT_REJECTED
+    return 0 if result["promote"] else config.reject_exit_code
 
 
 def main(argv=None) -> int:

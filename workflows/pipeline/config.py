@@ -76,6 +76,13 @@ class PipelineConfig(StrictModel):
         None, description="EvaluateConfig (dev split) whose promotion rule decides whether to deploy")
     evaluate: dict[str, Any] | None = Field(None, description="EvaluateConfig for the final report (test split)")
     deploy: dict[str, Any] | None = Field(None, description="ServeConfig without output/ray: serves the new model")
+    reject_exit_code: int = Field(
+        3, ge=0, le=255, description="Exit code when the gate rejects the new model. 3 (default) lets scripts tell "
+                                     "it apart; a scheduled run sets 0, so its RayJob succeeds and the decision "
+                                     "stays in the lineage record instead of triggering retries")
+    lease_ttl_s: int | None = Field(
+        None, gt=0, description="Take the output root's run lease (workflows.pipeline.lease) for at most this many "
+                                "seconds, refusing to start while another run holds it; null: no lease")
     deploy_sample: list[str] = Field(
         default_factory=lambda: ["A man is playing a guitar.", "Ein Mann spielt Gitarre."],
         description="Sentences embedded through the deployed HTTP endpoint as a smoke check")
