@@ -86,6 +86,12 @@ def init_ray(config: RayConfig | None = None, runtime_env: dict[str, Any] | None
     return ray.cluster_resources()
 
 
+def unwrap_error(err: BaseException) -> BaseException:
+    """The user-level exception behind a Ray task or actor error (Ray wraps the remote exception)."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
 def check_resources(num_cpus: float, num_gpus: float, what: str, fail_fast: bool = True) -> None:
     """Fail fast (instead of hanging forever) when a request can never be scheduled."""
     import ray

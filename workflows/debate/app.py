@@ -89,7 +89,7 @@ class DebateAgentServer:
 
 def _user_error(err: BaseException) -> RequestError | None:
     from embedforge.errors import ConfigError, InputError
-    from workflows.serve.model_server import unwrap_error
+    from embedforge.runtime import unwrap_error
 
     cause = unwrap_error(err)
     if isinstance(cause, RequestError):
@@ -262,14 +262,14 @@ def run_debate_service(config: DebateConfig) -> dict[str, Any]:
 
     from embedforge import storage
     from embedforge.runtime import check_resources, init_ray
-    from workflows.serve.run import endpoint_url, wait_healthy
+    from workflows.serve.endpoint import endpoint_url, wait_healthy
 
     init_ray(config.ray)
     check_resources(config.agent_deployment.num_cpus, 0, "debate agent deployment", config.ray.fail_fast_on_missing_gpus)
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     serve.run(build_debate_app(config), name=config.serve.app_name, route_prefix=config.http.route_prefix,
               blocking=False)
-    url = endpoint_url(config)  # type: ignore[arg-type]  (reads only config.http)
+    url = endpoint_url(config)
     wait_healthy(url, config.serve.startup_timeout_s)
     summary: dict[str, Any] = {"url": url, "debate": f"{url}/v1/debate", "models": list(config.models),
                                "modes": list(config.modes), "auth": config.auth.mode, "output": config.output}
