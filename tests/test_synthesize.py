@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -20,7 +21,7 @@ from workflows.synthesize import qe as Q
 from workflows.synthesize import rows as R
 from workflows.synthesize.config import QEConfig, SynthesizeConfig
 from workflows.synthesize.report import summarize
-from workflows.synthesize.stages import qe_batch
+from workflows.synthesize.stages import PromptStage, qe_batch
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "configs" / "synthesize.yaml"
@@ -122,8 +123,12 @@ SRC = "A man is playing a guitar on the stage."
 GOOD = "Ein Mann spielt auf der Bühne Gitarre."
 
 
-def _codes(translation, tokens=10, max_tokens=40, cosine=0.9, source=SRC, lang="de"):
-    return [Q.reason_code(r) for r in Q.assess(source, translation, lang, tokens, max_tokens, QE, cosine)["reasons"]]
+def _failures(translation, tokens=10, max_tokens=40, source=SRC, lang="de", qe=QE, **kw):
+    return Q.text_checks(source, translation, lang, tokens, max_tokens, qe, **kw)["failures"]
+
+
+def _codes(translation, **kw):
+    return [f.code for f in _failures(translation, **kw)]
 
 
 def test_qe_good_translation_passes():
@@ -137,36 +142,118 @@ def test_qe_empty():
 def test_qe_runaway_by_limit_and_by_repetition():
     assert Q.RUNAWAY in _codes(GOOD, tokens=40, max_tokens=40)
     looped = "Ein Mann spielt Gitarre und ein Mann spielt Gitarre und ein Mann spielt Gitarre"
-    assert Q.check_runaway(looped, 10, 40, 3).startswith(Q.RUNAWAY)
+    fail = Q.check_runaway(looped, 10, 40, 3)
+    assert (fail.code, fail.value, fail.threshold) == (Q.RUNAWAY, 3.0, 3.0)
 
 
 def test_qe_copy():
     assert Q.COPY in _codes("A man is playing a guitar on the stage!")
 
 
-def test_qe_length_ratio():
-    assert _codes("Ein Mann spielt.") == [Q.LENGTH_RATIO]
+def test_qe_length_ratio_in_chars_and_tokens():
+    chars = QEConfig(length_unit="chars")
+    [fail] = _failures("Ein Mann spielt.", qe=chars)
+    assert fail.code == Q.LENGTH_RATIO and fail.threshold == chars.min_length_ratio
+    assert fail.value == pytest.approx(len("Ein Mann spielt.") / len(SRC))
     long = GOOD + " Er trägt einen blauen Hut und eine rote Jacke, und das Publikum klatscht laut."
-    assert Q.LENGTH_RATIO in _codes(long)
+    assert Q.LENGTH_RATIO in _codes(long, qe=chars)
+    assert Q.LENGTH_RATIO in _codes(GOOD, source_length=10, translation_length=3)
+
+
+def test_qe_length_in_tokens_keeps_a_correct_chinese_translation():
+    """A correct Chinese translation has about a third of the English characters but as many tokens."""
+    src, zh = "A man is playing a guitar.", "一个男人在弹吉他。"
+    chars = QEConfig(length_unit="chars", langid_candidates=["zh", "en", "de"])
+    assert Q.LENGTH_RATIO in _codes(zh, source=src, lang="zh", qe=chars)
+    tokens = QEConfig(langid_candidates=["zh", "en", "de"])
+    assert _codes(zh, source=src, lang="zh", qe=tokens, source_length=7, translation_length=6) == []
 
 
 def test_qe_language():
-    assert _codes("Un homme joue de la guitare sur scène.") == [Q.LANGUAGE]
+    [fail] = _failures("Un homme joue de la guitare sur scène.")
+    assert fail.code == Q.LANGUAGE and "detected fr" in fail.detail
 
 
-def test_qe_cosine():
-    assert _codes(GOOD, cosine=0.5) == [Q.COSINE]
-    assert Q.check_cosine(None, 0.8) is None
+def test_qe_round_trip():
+    assert Q.round_trip_chrf(SRC, SRC) == pytest.approx(100.0)
+    assert Q.ROUND_TRIP in _codes(GOOD, back_chrf=Q.round_trip_chrf(SRC, "A woman eats an apple."))
+    assert _codes(GOOD, back_chrf=Q.round_trip_chrf(SRC, "A man plays the guitar on the stage.")) == []
+
+
+def test_qe_cosine_floor():
+    fail = Q.check_cosine(0.5, 0.8)
+    assert (fail.code, fail.value, fail.threshold) == (Q.COSINE, 0.5, 0.8)
+    assert Q.check_cosine(None, 0.8) is None and Q.check_cosine(0.9, 0.8) is None
+
+
+def _unit(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def test_ratio_margin_is_laser_formula():
+    """cos(x_i, y_i) / ((mean top-k cos of x_i over targets + mean top-k cos of y_i over sources) / 2)."""
+    rng = np.random.default_rng(0)
+    x, y = _unit(rng.normal(size=(6, 5))), _unit(rng.normal(size=(6, 5)))
+    got = Q.ratio_margin(x.astype(np.float32), y.astype(np.float32), k=3)
+    sims = x @ y.T
+    for i in range(6):
+        fwd = np.mean(sorted(sims[i], reverse=True)[:3])
+        bwd = np.mean(sorted(sims[:, i], reverse=True)[:3])
+        assert got[i] == pytest.approx(sims[i, i] / ((fwd + bwd) / 2), rel=1e-5)
+    # k above the pool size: every row is a neighbour (LASER's min(k, n))
+    assert np.allclose(Q.ratio_margin(x, y, k=50), Q.ratio_margin(x, y, k=6))
+    assert Q.ratio_margin(np.zeros((0, 5)), np.zeros((0, 5)), 4).shape == (0,)
+
+
+def test_margin_catches_a_wrong_translation_that_cosine_keeps():
+    """Fake embeddings where every cosine is high (as with e5), one translation about something else.
+
+    Each source i and its right translation share topic direction i; the wrong translation (row 0)
+    points at topic 1 instead. Its cosine to its source stays high because all share a common
+    component, but its margin falls below 1: its own source is not its nearest neighbour.
+    """
+    common, topics = np.ones(8), np.eye(8)
+    src = _unit([common * 2.5 + topics[i] for i in range(8)])
+    tgt = _unit([common * 2.5 + topics[i] * 0.9 for i in range(8)])
+    tgt[0] = _unit(common * 2.5 + topics[1] * 0.9)
+    cos = np.sum(src * tgt, axis=1)
+    assert cos[0] > 0.85  # the bare cosine check (min_cosine 0.8) keeps it
+    margin = Q.ratio_margin(src, tgt, k=4)
+    assert margin[0] < 1.0 <= margin[2:].min()
+    fail = Q.check_margin(float(margin[0]), 1.0)
+    assert fail.code == Q.MARGIN and fail.threshold == 1.0
+
+
+def test_pair_consistency():
+    assert Q.check_pair_consistency(0.95, 0.9, 0.1) is None
+    fail = Q.check_pair_consistency(0.95, 0.7, 0.1)
+    assert (fail.code, fail.value, fail.threshold) == (Q.PAIR_CONSISTENCY, pytest.approx(0.25), 0.1)
+    assert Q.check_pair_consistency(0.6, 0.8, 0.1).code == Q.PAIR_CONSISTENCY  # too similar after translation too
 
 
 def test_qe_batch_stage_on_a_dict():
-    out = qe_batch({"text": [SRC, SRC], "lang": ["de", "de"], "generated_text": [" " + GOOD + "\n", ""],
-                    "num_generated_tokens": [10, 0], "max_tokens": [40, 40], "cosine": [0.9, 0.1]},
-                   QE.model_dump())
-    assert out["translation"] == [GOOD, ""]
-    assert out["qe"][0] == "" and out["qe"][1].startswith("empty")
+    out = pl.from_arrow(qe_batch(
+        {"text": [SRC, SRC], "lang": ["de", "de"], "generated_text": [" " + GOOD + "\n", ""],
+         "num_generated_tokens": [10, 0], "max_tokens": [40, 40], "num_source_tokens": [10, 10]},
+        QE.model_dump(), count_tokens=lambda texts: [len(t.split()) + 3 for t in texts]))
+    assert out["translation"].to_list() == [GOOD, ""]
+    assert out["qe"].to_list()[0] == []
+    assert out["qe"].to_list()[1] == [{"code": "empty", "detail": "no text", "value": None, "threshold": None}]
     with pytest.raises(Exception, match="missing columns"):
         qe_batch({"text": [SRC]}, QE.model_dump())
+    with pytest.raises(ValueError, match="length_unit=chars"):
+        qe_batch({"text": [SRC], "lang": ["de"], "generated_text": [GOOD], "num_generated_tokens": [10],
+                  "max_tokens": [40]}, QE.model_dump())
+
+
+def test_back_prompt_reverses_the_few_shot_examples():
+    stage = object.__new__(PromptStage)  # no tokenizer needed for few-shot prompts
+    stage.style, stage.source_lang = "few_shot", "en"
+    stage.config = SynthesizeConfig.model_fields["translation"].default
+    prompt = stage.back_prompt("Ein Hund läuft.", "de")
+    assert prompt.endswith("German: Ein Hund läuft.\nEnglish:")
+    assert "German: Ein Mann streicht geriebenen Käse auf eine Pizza.\nEnglish: A man is spreading" in prompt
 
 
 # ------------------------------------------------------------------ rows (pure)
@@ -182,38 +269,104 @@ def _pairs(n: int) -> list[dict]:
              "score": 0.5, "lang1": "en", "lang2": "en"} for i in range(n)]
 
 
-def test_malformed_rows_go_to_bad_with_reasons(tmp_path):
-    rows = _pairs(3) + [{"sentence1": "", "sentence2": "x", "score": 0.1, "lang1": "en", "lang2": "en"},
+def test_malformed_rows_go_to_bad_with_structured_reasons(tmp_path):
+    rows = _pairs(3) + [{"sentence1": "", "sentence2": " ", "score": 0.1, "lang1": "en", "lang2": "en"},
                         {"sentence1": None, "sentence2": "x", "score": 0.1, "lang1": "en", "lang2": "en"}]
     uri = _jsonl(tmp_path / "pairs.jsonl", rows)
     config = _config(inputs=[{"source": uri, "kind": "scored_pairs"}])
     table = R.load_input(0, config.inputs[0])
-    assert table.rows.height == 3 and table.bad.height == 2 and table.num_rows == 5
-    assert set(table.bad[R.ROW_ID]) == {3, 4}
-    assert any("sentence1: empty" in r for r in table.bad["reason"]) and any("null" in r for r in table.bad["reason"])
+    assert table.rows.height == 3 and table.num_rows == 5
+    # the file checker (embedforge.data) names the line; the record as a whole is malformed
+    assert table.bad["row_id"].to_list() == [3, 4] and table.bad["bad_column"].null_count() == 2
+    assert table.bad["reason"][0].startswith("line 4: ")
+    shard = R.plan_shards([table], ["de"], 10)[0]
+    _, quarantine = R.assemble(table, shard, _fake_translations(R.unique_sentences([table], [shard])), "x")
+    assert quarantine["row_id"].to_list() == [3, 4]
+    assert [(f["code"], f["column"]) for fs in quarantine["reasons"].to_list() for f in fs] == [
+        ("malformed", "row"), ("malformed", "row")]
+    # named datasets: blank or null sentences found per column
+    df = pl.DataFrame({"sentence1": ["a", "", None], "sentence2": ["b", " ", "c"], "score": [0.1] * 3,
+                       "lang1": ["en"] * 3, "lang2": ["en"] * 3})
+    assert R.malformed(df, "scored_pairs") == [[], [("sentence1", "empty text"), ("sentence2", "empty text")],
+                                               [("sentence1", "null")]]
+
+
+def _fake_translations(sentences: pl.DataFrame, fail: dict[str, dict] | None = None, emb: dict | None = None
+                       ) -> pl.DataFrame:
+    """A translation table as the QE stage returns it ("DE " + text), failures and embeddings given per text."""
+    fail = fail or {}
+    texts = sentences["text"].to_list()
+    df = sentences.with_columns(
+        pl.concat_str([pl.lit("DE "), pl.col("text")]).alias("translation"), pl.lit("de").alias("detected_lang"),
+        pl.lit(0.99).alias("lang_prob"), pl.lit(1.0).alias("length_ratio"),
+        pl.lit(None, pl.Float64).alias("round_trip_chrf"),
+        pl.Series("qe", [[fail[t]] if t in fail else [] for t in texts], dtype=Q.failure_dtype(with_column=False)))
+    if emb:
+        src = np.stack([emb[t][0] for t in texts]).astype(np.float32)
+        tgt = np.stack([emb[t][1] for t in texts]).astype(np.float32)
+        df = df.with_columns(pl.Series("cosine", np.sum(src * tgt, axis=1), dtype=pl.Float64),
+                             pl.Series("source_embedding", src), pl.Series("translation_embedding", tgt))
+    return df
 
 
 def test_unique_sentences_and_assemble():
     rows = pl.DataFrame({"anchor": ["P", "P", "Q"], "positive": ["e1", "e2", "e3"], "negative": ["c1", "c2", "c3"],
                          "lang": ["en"] * 3}).with_row_index(R.ROW_ID).with_columns(pl.col(R.ROW_ID).cast(pl.Int64))
-    bad = pl.DataFrame({R.ROW_ID: [3], "reason": ["anchor: null"], "raw": ["{}"]})
+    bad = pl.DataFrame({R.ROW_ID: [3], "bad_column": ["anchor"], "reason": ["null"], "raw": ["{}"]})
     table = R.InputTable("i0-t", "nli_triplets", rows, bad)
     shards = R.plan_shards([table], ["de"], 10)
     assert [s.name for s in shards] == ["i0-t-de-0000000-0000004"]
     sentences = R.unique_sentences([table], shards)
     assert sentences.height == 8  # "P" once
-    trans = sentences.with_columns(
-        pl.concat_str([pl.lit("DE "), pl.col("text")]).alias("translation"), pl.lit(0.9).alias("cosine"),
-        pl.lit("de").alias("detected_lang"), pl.lit(0.99).alias("lang_prob"), pl.lit(1.0).alias("length_ratio"),
-        pl.when(pl.col("text") == "e2").then(pl.lit("copy: x")).otherwise(pl.lit("")).alias("qe"))
-    kept, quarantine = R.assemble(table, shards[0], trans, "snli")
+    copy = {"code": "copy", "detail": "similarity to the source", "value": 0.95, "threshold": 0.9}
+    kept, quarantine = R.assemble(table, shards[0], _fake_translations(sentences, {"e2": copy}), "snli")
     assert kept["row_id"].to_list() == [0, 2] and kept["anchor"].to_list() == ["DE P", "DE Q"]
     assert kept["source_anchor"].to_list() == ["P", "Q"] and set(kept["lang"]) == {"de"}
     assert quarantine["row_id"].to_list() == [1, 3]
-    assert quarantine["reason"].to_list() == ["positive: copy: x", "malformed: anchor: null"]
+    assert quarantine["reasons"].to_list()[0] == [{**copy, "column": "positive"}]
+    assert quarantine.select(R.reason_codes())["reasons"].to_list() == [["copy"], ["malformed"]]
+    assert quarantine["reason"].to_list()[0] == "positive: copy (similarity to the source 0.950 vs 0.9)"
     summary = summarize(kept, quarantine, ["de"]).row(0, named=True)
     assert (summary["rows_in"], summary["kept"], summary["quarantined"], summary["malformed"]) == (4, 2, 2, 1)
     assert summary["pass_copy"] == pytest.approx(1 - 1 / 9)
+
+
+def test_assemble_embedding_checks_margin_and_pair_consistency():
+    """Scored pairs with fake embeddings: a wrong translation fails the margin, a broken relation the pair check."""
+    n = 8
+    common, topics = np.ones(2 * n + 1) / np.sqrt(2 * n + 1) * 2, np.eye(2 * n + 1)
+    s1 = [f"A man number {i} plays." for i in range(n)]
+    s2 = [f"A woman number {i} sings." for i in range(n)]
+    emb = {}
+    for i in range(n):  # sentence2 of row i: close to its sentence1 (the pair is similar) in the source and target
+        emb[s1[i]] = (_unit(common + topics[i]), _unit(common + topics[i] * 0.9))
+        pair = _unit(common + topics[i] + topics[n + i] * 0.5)
+        emb[s2[i]] = (pair, _unit(common + (topics[i] + topics[n + i] * 0.5) * 0.9))
+    emb[s1[0]] = (emb[s1[0]][0], _unit(common + topics[5] * 0.9))  # row 0: wrong meaning
+    emb[s2[3]] = (emb[s2[3]][0], _unit(common + topics[2 * n] * 0.9))  # row 3: the relation is gone
+    rows = pl.DataFrame({"sentence1": s1, "sentence2": s2, "score": [0.8] * n, "lang1": ["en"] * n,
+                         "lang2": ["en"] * n}).with_row_index(R.ROW_ID).with_columns(pl.col(R.ROW_ID).cast(pl.Int64))
+    bad = pl.DataFrame(schema={R.ROW_ID: pl.Int64, "bad_column": pl.String, "reason": pl.String, "raw": pl.String})
+    table = R.InputTable("i0-p", "scored_pairs", rows, bad)
+    shard = R.plan_shards([table], ["de"], 100)[0]
+    trans = _fake_translations(R.unique_sentences([table], [shard]), emb=emb)
+    qe = QEConfig(min_cosine=0.5, min_margin=0.96, max_pair_delta=0.1, margin_min_pool=16)
+    kept, quarantine = R.assemble(table, shard, trans, "stsb", qe)
+    reasons = {r: {(f["code"], f["column"]) for f in fs} for r, fs in
+               zip(quarantine["row_id"].to_list(), quarantine["reasons"].to_list(), strict=True)}
+    assert ("margin", "sentence1") in reasons[0]
+    assert ("pair_consistency", "row") in reasons[3]
+    assert all(code != "margin" for code, _ in reasons[3])
+    assert set(kept["row_id"]) | set(reasons) == set(range(n)) and not set(kept["row_id"]) & set(reasons)
+    assert kept["margin_sentence1"].min() >= 0.96 and kept.height == n - 2
+    assert "source_embedding" not in kept.columns and "translation_embedding" not in quarantine.columns
+    # too small a pool: no margin, the cosine floor and the pair check still run
+    small = QEConfig(min_cosine=0.5, min_margin=0.96, max_pair_delta=0.1, margin_min_pool=17)
+    kept2, quarantine2 = R.assemble(table, shard, trans, "stsb", small)
+    assert kept2["margin_sentence1"].null_count() == kept2.height
+    assert quarantine2["row_id"].to_list() == [0, 3]
+    summary = summarize(kept, quarantine, ["de"]).row(0, named=True)
+    assert summary["pass_pair_consistency"] == pytest.approx(1 - 2 / n)
 
 
 # ------------------------------------------------------------------ real Ray Data + vLLM (SmolLM2: plumbing only)

@@ -51,8 +51,11 @@ class TranslationConfig(StrictModel):
 class QEConfig(StrictModel):
     """Quality-estimation thresholds; a sentence failing any enabled check is rejected with that reason."""
 
-    min_length_ratio: float = Field(0.5, gt=0, description="Smallest len(translation)/len(source), characters")
-    max_length_ratio: float = Field(2.0, gt=0, description="Largest len(translation)/len(source), characters")
+    length_unit: Literal["tokens", "chars"] = Field(
+        "tokens", description="Unit of the length ratio: tokens of the translation model's tokenizer (fair to "
+                              "scripts such as Chinese that pack more per character) or characters")
+    min_length_ratio: float = Field(0.5, gt=0, description="Smallest translation/source length, in length_unit")
+    max_length_ratio: float = Field(2.0, gt=0, description="Largest translation/source length, in length_unit")
     max_copy_similarity: float = Field(
         0.9, gt=0, le=1, description="Reject as 'copy' when the normalized translation is at least this "
                                      "similar to the source (difflib ratio)")
@@ -60,8 +63,22 @@ class QEConfig(StrictModel):
     langid_candidates: list[str] | None = Field(
         None, description="Restrict language identification to these ISO codes; None: all 97 languages")
     max_repeated_ngram: int = Field(3, ge=2, description="Reject as 'runaway' when a word 3-gram occurs this often")
-    cosine: bool = Field(True, description="Run the cross-lingual cosine check (needs the encoder)")
+    cosine: bool = Field(True, description="Run the embedding checks: cosine floor, margin, pair consistency "
+                                           "(needs the encoder)")
     min_cosine: float = Field(0.8, ge=-1, le=1, description="Smallest cosine(source, translation) with the encoder")
+    margin: bool = Field(True, description="Run the ratio-margin check (LASER-style, within each shard)")
+    min_margin: float = Field(1.0, gt=0, description="Smallest ratio margin of cosine(source, translation) against "
+                                                     "the k nearest neighbours of both sides in the shard")
+    margin_k: int = Field(4, ge=1, description="Neighbours per side in the margin (LASER's default 4)")
+    margin_min_pool: int = Field(
+        16, ge=2, description="Shards with fewer sentences of a language skip the margin (too few neighbours); "
+                              "the cosine floor still applies")
+    pair_consistency: bool = Field(True, description="Quarantine scored pairs whose translated pair cosine departs "
+                                                     "from the source pair's by more than max_pair_delta")
+    max_pair_delta: float = Field(0.1, gt=0, le=2, description="Largest |cos(t1, t2) - cos(s1, s2)| of a kept pair")
+    round_trip: bool = Field(False, description="Back-translate with the same engine and check chrF against the "
+                                                "source (doubles the translation work)")
+    min_round_trip_chrf: float = Field(30.0, ge=0, le=100, description="Smallest chrF of the back-translation")
     encoder: str = Field("multilingual-e5-small", description="Multilingual sentence encoder for the cosine check")
     encoder_prompt: str = Field("query: ", description="Text prefix of the encoder (e5 expects 'query: ')")
     encoder_batch_size: int = Field(64, ge=1, description="Sentences per encoder batch")

@@ -3,9 +3,12 @@
 Flow (``run_synthesize``)::
 
     load inputs (driver, polars) -> plan shards (row range x language) -> skip committed shards
-    -> unique (sentence, language) of the missing shards -> Ray Data:
-       PromptStage -> translation (vLLM) -> CosineStage (multilingual-e5-small) -> qe_batch
-    -> join back to rows per shard -> ShardedWriter (data + quarantine, then the shard marker)
+    -> unique (sentence, language) of the missing shards, in shard order -> Ray Data:
+       PromptStage -> translation (vLLM; with qe.round_trip also back) -> EmbedStage
+       (multilingual-e5-small) -> QEStage (text checks)
+    -> streamed to the driver block by block; each shard whose sentences have all arrived is
+       assembled (embedding checks within the shard) and committed at once by ShardedWriter
+       (data + quarantine, then the shard marker)
     -> report -> manifest (counts per language, rows_in == kept + quarantined checked)
 
 **Translation backend.** Two interchangeable stages produce the same columns:
@@ -34,9 +37,12 @@ German and French; see the benchmark for its chrF.
 same config redoes only the shards without a marker, and the manifest is written last. A
 different config (``content_hash``) writing into the same output is refused.
 
-**Batching choice.** All missing shards are translated in one Ray Data pass (one engine start,
-full batches), then written shard by shard; a run killed during translation redoes the
-translation of every shard that has no marker yet.
+**Batching choice.** All missing shards are translated in one streaming Ray Data pass (one
+engine start, full batches). The sentences enter in shard order and the driver consumes blocks
+as they finish, committing every shard as soon as all its sentences are back; so a run killed
+halfway keeps the shards it committed, and a rerun translates only the sentences of the others.
+The driver holds a sentence's translation (and embeddings) only while an uncommitted shard
+needs it.
 """
 
 from __future__ import annotations
@@ -53,10 +59,12 @@ from embedforge import storage
 from embedforge.errors import ConfigError, InputError
 from embedforge.runtime import check_resources, init_ray, resolve_dtype_on_cluster
 from workflows.synthesize import prompts as P
+from workflows.synthesize import qe as Q
 from workflows.synthesize import rows as R
 from workflows.synthesize.config import SynthesizeConfig
 from workflows.synthesize.report import build_report
-from workflows.synthesize.stages import CosineStage, PromptStage, qe_batch
+from workflows.synthesize.stages import (GENERATED_TEXT, MAX_TOKENS, NUM_GENERATED_TOKENS, SOURCE_TOKENS, EmbedStage,
+                                         PromptStage, QEStage, RoundTripTranslator, qe_batch)
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +84,13 @@ def _translate_engine(ds, config: SynthesizeConfig):
     from actors.translator import Translator
 
     t = config.translation
+    if config.qe.round_trip:
+        fn, kwargs = RoundTripTranslator, {"config": translator_config(config), "translation": t.model_dump(),
+                                           "source_lang": config.source_lang}
+    else:
+        fn, kwargs = Translator, {"config": translator_config(config)}
     return ds.map_batches(
-        Translator, fn_constructor_kwargs={"config": translator_config(config)}, batch_size=t.batch_size,
+        fn, fn_constructor_kwargs=kwargs, batch_size=t.batch_size,
         compute=ray.data.ActorPoolStrategy(size=t.concurrency), num_cpus=t.num_cpus, num_gpus=t.num_gpus,
     )
 
@@ -109,9 +122,8 @@ def build_llm_processor(config: SynthesizeConfig):
     )
 
 
-def translate_and_score(sentences: pl.DataFrame, config: SynthesizeConfig) -> pl.DataFrame:
-    """Run the Ray Data pipeline over unique (text, lang) rows; one row out per row in."""
-    import ray
+def build_dataset(sentences: pl.DataFrame, config: SynthesizeConfig):
+    """The Ray Data pipeline over unique (text, lang) rows (not yet executed); one row out per row in."""
     import ray.data
 
     t, qe = config.translation, config.qe
@@ -123,16 +135,41 @@ def translate_and_score(sentences: pl.DataFrame, config: SynthesizeConfig) -> pl
     if qe.cosine:
         embedder = {"model": qe.encoder, "prompt": qe.encoder_prompt, "batch_size": qe.encoder_batch_size,
                     "num_gpus": qe.encoder_num_gpus, "device": "cuda" if qe.encoder_num_gpus > 0 else "cpu"}
-        ds = ds.map_batches(CosineStage, fn_constructor_kwargs={"embedder": embedder}, batch_size=qe.encoder_batch_size,
+        ds = ds.map_batches(EmbedStage, fn_constructor_kwargs={"embedder": embedder}, batch_size=qe.encoder_batch_size,
                             compute=ray.data.ActorPoolStrategy(size=qe.encoder_concurrency), num_cpus=1,
                             num_gpus=qe.encoder_num_gpus)
-    ds = ds.map_batches(qe_batch, fn_kwargs={"qe": qe.model_dump()}, batch_size=256, num_cpus=0.5)
-    tables = [ray.get(ref, timeout=600) for ref in ds.to_arrow_refs()]
-    out = pl.from_arrow(pa.concat_tables(tables, promote_options="default")) if tables else None
-    if out is None or out.height != sentences.height:
-        got = 0 if out is None else out.height
-        raise InputError(f"translation pipeline returned {got} rows for {sentences.height} sentences")
+    return ds.map_batches(QEStage, fn_constructor_kwargs={"qe": qe.model_dump(), "translation": t.model_dump()},
+                          batch_size=256, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+
+
+def iter_translated(sentences: pl.DataFrame, config: SynthesizeConfig, timeout_s: float = 600):
+    """Run the pipeline, yielding each output block (a polars frame) as soon as it is computed."""
+    import ray
+
+    for bundle in build_dataset(sentences, config).iter_internal_ref_bundles():
+        for entry in bundle.blocks:
+            table = ray.get(entry.ref, timeout=timeout_s)
+            if table.num_rows:
+                yield pl.from_arrow(table)
+
+
+def translate_and_score(sentences: pl.DataFrame, config: SynthesizeConfig) -> pl.DataFrame:
+    """All translations at once (benchmarks); ``run_synthesize`` streams them instead."""
+    parts = list(iter_translated(sentences, config))
+    out = pl.concat(parts, how="diagonal_relaxed") if parts else empty_translations(config)
+    if out.height != sentences.height:
+        raise InputError(f"translation pipeline returned {out.height} rows for {sentences.height} sentences")
     return out
+
+
+def empty_translations(config: SynthesizeConfig) -> pl.DataFrame:
+    """A translation table with no rows and the QE stage's columns (shards with nothing to translate)."""
+    empty = {R.TEXT: [], R.LANG: [], GENERATED_TEXT: [], NUM_GENERATED_TOKENS: [], MAX_TOKENS: [], SOURCE_TOKENS: []}
+    return pl.from_arrow(qe_batch(empty, config.qe.model_dump(), count_tokens=lambda texts: []))
+
+
+def _shard_keys(inputs: list[R.InputTable], shard: R.Shard) -> set[tuple[str, str]]:
+    return {(text, lang) for text, lang in R.unique_sentences(inputs, [shard]).iter_rows()}
 
 
 def _check_inputs(config: SynthesizeConfig, inputs: list[R.InputTable]) -> None:
@@ -166,6 +203,14 @@ def _counts(shards: dict[str, dict[str, Any]], langs: list[str]) -> dict[str, di
     return counts
 
 
+def _code_counts(quarantine: pl.DataFrame) -> dict[str, int]:
+    """Quarantined rows per failure code (a row with two codes counts under both)."""
+    if not quarantine.height:
+        return {}
+    codes = quarantine.select(R.reason_codes().list.unique().alias("code")).explode("code")["code"]
+    return {str(k): int(v) for k, v in codes.value_counts().iter_rows()}
+
+
 def _read_sub(prefix: str, shards: dict[str, dict[str, Any]], sub: str) -> pl.DataFrame:
     tables = [storage.read_parquet(storage.join(prefix, m["files"][sub]["file"])) for _, m in sorted(shards.items())]
     return pl.from_arrow(pa.concat_tables(tables, promote_options="default"))
@@ -181,6 +226,9 @@ def run_synthesize(config: SynthesizeConfig) -> dict[str, Any]:
                 P.few_shot_examples(lang, config.translation.few_shot)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+    if config.qe.round_trip and config.translation.backend != "engine":
+        raise ConfigError("qe.round_trip needs translation.backend=engine (it back-translates with the same engine "
+                          "replica); set translation.backend=engine or qe.round_trip=false")
     chash = config.content_hash()
     writer = storage.ShardedWriter(config.output)
     if storage.is_committed(config.output):
@@ -200,37 +248,57 @@ def run_synthesize(config: SynthesizeConfig) -> dict[str, Any]:
     log.info("%d shards planned, %d already committed, %d to do", len(shards), len(shards) - len(todo), len(todo))
 
     written, generated_tokens, n_unique, engine_dtype = [], 0, 0, None
+
+    def commit(shard: R.Shard, translations: pl.DataFrame) -> None:
+        table = inputs[shard.input_index]
+        data, quarantine = R.assemble(table, shard, translations, config.inputs[shard.input_index].source, config.qe)
+        rows_in = shard.end - shard.start
+        meta = {"config_hash": chash, "lang": shard.lang, "input": table.name, "start": shard.start,
+                "end": shard.end, "engine_dtype": engine_dtype, "rows_in": rows_in, "kept": data.height,
+                "quarantined": quarantine.height,
+                "malformed": int(quarantine.select(R.has_code(Q.MALFORMED)).to_series().sum()),
+                "codes": _code_counts(quarantine)}
+        if data.height + quarantine.height != rows_in:
+            raise RuntimeError(f"shard {shard.name}: {data.height} kept + {quarantine.height} quarantined "
+                               f"!= {rows_in} rows in")
+        writer.write(shard.name, {DATA: data.to_arrow(), QUARANTINE: quarantine.to_arrow()}, meta)
+        written.append(shard.name)
+        log.info("committed shard %s: %d kept, %d quarantined", shard.name, data.height, quarantine.height)
+
     if todo:
         sentences = R.unique_sentences(inputs, todo)
         n_unique = sentences.height
-        if n_unique:
+        needs = {s.name: _shard_keys(inputs, s) for s in todo}
+        waiting = [s for s in todo if needs[s.name]]
+        t0 = time.perf_counter()
+        for shard in todo:  # nothing to translate (every row malformed): commit at once
+            if not needs[shard.name]:
+                commit(shard, empty_translations(config))
+        if waiting:
             init_ray(config.ray)
             t = config.translation
             check_resources(t.num_cpus, t.num_gpus, "translation.num_gpus", config.ray.fail_fast_on_missing_gpus)
             check_resources(1, config.qe.encoder_num_gpus, "qe.encoder_num_gpus", config.ray.fail_fast_on_missing_gpus)
             engine_dtype = resolve_dtype_on_cluster(t.dtype, t.num_cpus, t.num_gpus)
             run_config = config.model_copy(update={"translation": t.model_copy(update={"dtype": engine_dtype})})
-            t0 = time.perf_counter()
-            translations = translate_and_score(sentences, run_config)
-            timings["translate_s"] = time.perf_counter() - t0
-            generated_tokens = int(translations["num_generated_tokens"].sum())
-        else:
-            translations = pl.DataFrame(schema={R.TEXT: pl.String, R.LANG: pl.String, R.TRANSLATION: pl.String,
-                                                **{c: pl.String for c in R.QE_COLUMNS}})
-        t0 = time.perf_counter()
-        for shard in todo:
-            table = inputs[shard.input_index]
-            data, quarantine = R.assemble(table, shard, translations, config.inputs[shard.input_index].source)
-            rows_in = shard.end - shard.start
-            meta = {"config_hash": chash, "lang": shard.lang, "input": table.name, "start": shard.start,
-                    "end": shard.end, "engine_dtype": engine_dtype, "rows_in": rows_in, "kept": data.height, "quarantined": quarantine.height,
-                    "malformed": int(quarantine[S.REASON].str.starts_with("malformed").sum())}
-            if data.height + quarantine.height != rows_in:
-                raise RuntimeError(f"shard {shard.name}: {data.height} kept + {quarantine.height} quarantined "
-                                   f"!= {rows_in} rows in")
-            writer.write(shard.name, {DATA: data.to_arrow(), QUARANTINE: quarantine.to_arrow()}, meta)
-            written.append(shard.name)
-        timings["write_s"] = time.perf_counter() - t0
+            held, arrived, n_out = None, set(), 0
+            for block in iter_translated(sentences, run_config):
+                n_out += block.height
+                generated_tokens += int(block[NUM_GENERATED_TOKENS].sum())
+                held = block if held is None else pl.concat([held, block], how="diagonal_relaxed")
+                arrived.update(block.select(R.TEXT, R.LANG).iter_rows())
+                ready = [s for s in waiting if needs[s.name] <= arrived]
+                for shard in ready:
+                    commit(shard, held)
+                if ready:
+                    waiting = [s for s in waiting if s not in ready]
+                    still = set().union(*(needs[s.name] for s in waiting)) if waiting else set()
+                    keep = [(text, lang) in still for text, lang in held.select(R.TEXT, R.LANG).iter_rows()]
+                    held = held.filter(pl.Series(keep, dtype=pl.Boolean))
+            if waiting or n_out != n_unique:
+                raise InputError(f"translation pipeline returned {n_out} rows for {n_unique} sentences; "
+                                 f"{len(waiting)} shards left uncommitted")
+        timings["translate_and_write_s"] = time.perf_counter() - t0
 
     committed = _check_existing(writer, chash)
     counts = _counts(committed, config.target_langs)
