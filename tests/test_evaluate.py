@@ -51,6 +51,66 @@ def test_config_errors_name_the_field(tmp_path):
         _cfg(tmp_path, baseline={})
 
 
+def test_gate_names_are_checked_against_the_tasks(tmp_path):
+    base = {"baseline": {"model": "all-minilm-l6-v2"}}
+    with pytest.raises(ConfigError, match="gate.max_drop_per_task: bitext is not among the configured tasks"):
+        _cfg(tmp_path, **base, gate={"max_drop_per_task": {"bitext": 0.5}})
+    with pytest.raises(ConfigError, match=r"gate\.max_drop_per_task\.stss"):  # a typo is not a task kind
+        _cfg(tmp_path, **base, gate={"max_drop_per_task": {"stss": 0.5}})
+    with pytest.raises(ConfigError, match="a drop limit must be >= 0"):
+        _cfg(tmp_path, **base, gate={"max_drop_per_task": {"sts": -1}})
+    with pytest.raises(ConfigError, match="gate.main_metric 'retrieval'"):
+        _cfg(tmp_path, **base, gate={"main_metric": "retrieval"})
+    cfg = _cfg(tmp_path, **base, gate={"max_drop_per_task": {"sts": 0.5}, "main_metric": "sts/stsb:en"})
+    assert cfg.gate.max_drop_per_task == {"sts": 0.5}
+
+
+def test_sts_dataset_uris_config(tmp_path):
+    from workflows.evaluate.config import STSDataset
+
+    assert STSDataset(source=str(tmp_path / "my-pairs.jsonl"), langs=["de"]).label == "my-pairs"
+    assert STSDataset(source="s3://b/p/run1", langs=["de"], name="run1de").label == "run1de"
+    with pytest.raises(ValueError, match="a URI holds pairs of one language"):
+        STSDataset(source="/data/x.parquet", langs=["de", "fr"])
+    with pytest.raises(ValueError, match="name: only for URIs"):
+        STSDataset(source="stsb", name="x")
+    with pytest.raises(ConfigError, match="appear twice"):
+        _cfg(tmp_path, tasks=[{"kind": "sts", "datasets": [{"source": "/a/x.jsonl"}, {"source": "/b/x.jsonl"}]}])
+
+
+def test_sts_from_a_file_and_a_committed_prefix_equals_the_named_source(minilm_path, tmp_path):
+    """The same 30 STS-B test pairs as a JSONL file and as a committed output give the named source's score."""
+    import polars as pl
+
+    from embedforge import storage
+    from embedforge.data import DatasetSpec, load_dataset
+    from workflows.evaluate.run import evaluate_model
+    from workflows.evaluate.tasks import build_items
+
+    rows = load_dataset(DatasetSpec(source="stsb", split="test", limit=30))
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows.to_dicts()))  # the canonical scored_pairs columns
+    prefix = str(tmp_path / "committed")
+    writer = storage.ShardedWriter(prefix)
+    other = pl.DataFrame({"sentence1": ["x"], "sentence2": ["y"], "score": [None]}, schema=rows.select(
+        "sentence1", "sentence2", "score").schema)  # a row of another kind (no score) is left out
+    writer.write("s0", {"data": pl.concat([rows.select("sentence1", "sentence2", "score"), other]).to_arrow()})
+    writer.finish({"kind": "synthesize"})
+    cfg = _cfg(tmp_path, model=minilm_path, tasks=[{"kind": "sts", "datasets": [
+        {"source": "stsb", "limit": 30}, {"source": str(jsonl)}, {"source": prefix, "name": "synth"}]}])
+    items = build_items(cfg.tasks, cfg.split)
+    assert [it.key for it in items] == ["sts/stsb:en", "sts/mine:en", "sts/synth:en"]
+    assert [it.meta["rows"] for it in items] == [30, 30, 30]
+    metrics = evaluate_model(minilm_path, items, cfg)["metrics"]
+    assert metrics["sts/mine:en"] == metrics["sts/stsb:en"] == metrics["sts/synth:en"]
+    with pytest.raises(InputError, match="no such file"):
+        build_items(_cfg(tmp_path, tasks=[{"kind": "sts", "datasets": [{"source": "runs/none/x"}]}]).tasks, "test")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sentence1": "a", "sentence2": "b"}\n')
+    with pytest.raises(InputError, match="score"):
+        build_items(_cfg(tmp_path, tasks=[{"kind": "sts", "datasets": [{"source": str(bad)}]}]).tasks, "test")
+
+
 def test_grid_cells_from_config_and_model():
     assert grid_cells(None, None, 6) == []
     cells = grid_cells(GridConfig(layers=[3, 6], dims=[128, 384]), None, 6)

@@ -17,25 +17,64 @@ Tatoeba and Cranfield exist only as test sets, so they refuse ``split: dev``.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from embedforge.config import StrictModel
+from embedforge.data.spec import HUB_PREFIX, is_uri
 from embedforge.runtime import RayConfig
 
 STS_SOURCES = ("stsb", "stsb_multi_mt", "sick", "stsb_crosslingual")
 
 
 class STSDataset(StrictModel):
-    """One STS source, expanded to one dataset per language."""
+    """One STS source, expanded to one dataset per language; or one scored-pairs file of your own."""
 
-    source: Literal["stsb", "stsb_multi_mt", "sick", "stsb_crosslingual"] = Field(
-        description="stsb (en), stsb_multi_mt (11 languages), sick (SICK-R, en), "
-                    "stsb_crosslingual (sentence1 in English, sentence2 in each of `langs`)")
+    source: str = Field(
+        description="stsb (en), stsb_multi_mt (11 languages), sick (SICK-R, en), stsb_crosslingual "
+                    "(sentence1 in English, sentence2 in each of `langs`); or a dataset URI with the canonical "
+                    "scored_pairs columns (sentence1, sentence2, score): a Parquet/JSONL file (local, file://, "
+                    "s3://), hf:org/name[:config], or a committed output prefix (its `data` rows with a score)")
     langs: list[str] = Field(["en"], min_length=1,
-                             description="languages; for stsb_crosslingual the language of sentence2")
+                             description="languages; for stsb_crosslingual the language of sentence2; for a URI "
+                                         "the one language its pairs are in (a label in the report)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*$",
+                             description="a URI's name in the report (<name>:<lang>); default: the file's stem")
     limit: int | None = Field(None, gt=0, description="first N pairs of each dataset (smoke runs)")
+
+    @property
+    def is_named_source(self) -> bool:
+        return self.source in STS_SOURCES
+
+    @property
+    def label(self) -> str:
+        """The dataset's name in metric keys: the source, a URI's ``name``, or the URI's last path part."""
+        if self.is_named_source:
+            return self.source
+        if self.name:
+            return self.name
+        stem = self.source.rstrip("/").rsplit("/", 1)[-1].split(":")[-1]
+        return re.sub(r"\.(parquet|jsonl|json)$", "", stem) or "sts"
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, source: str) -> str:
+        if source in STS_SOURCES or is_uri(source) or source.startswith(HUB_PREFIX) or "/" in source:
+            return source
+        raise ValueError(f"use one of {', '.join(STS_SOURCES)} or a dataset URI (.parquet/.jsonl path, file://, "
+                         "s3://, hf:org/name, or a committed output prefix)")
+
+    @model_validator(mode="after")
+    def _check(self) -> STSDataset:
+        if self.is_named_source:
+            if self.name is not None:
+                raise ValueError(f"name: only for URIs; {self.source!r} is named by its source")
+            return self
+        if len(self.langs) != 1:
+            raise ValueError(f"langs {self.langs}: a URI holds pairs of one language; give exactly one")
+        return self
 
 
 class STSTask(StrictModel):
@@ -43,7 +82,15 @@ class STSTask(StrictModel):
 
     kind: Literal["sts"] = "sts"
     datasets: list[STSDataset] = Field(default_factory=lambda: [STSDataset(source="stsb")], min_length=1,
-                                       description="STS sources and their languages")
+                                       description="STS sources (or URIs) and their languages")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> STSTask:
+        names = [f"{d.label}:{lang}" for d in self.datasets for lang in d.langs]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"datasets: {', '.join(repeated)} appear twice; give URIs distinct `name`s")
+        return self
 
 
 class BitextTask(StrictModel):
@@ -117,7 +164,8 @@ class GateRule(StrictModel):
     """Promotion rule: candidate vs baseline, in metric points (x 100 scale)."""
 
     max_drop: float = Field(1.0, ge=0, description="reject when any task's mean falls more than this")
-    max_drop_per_task: dict[str, float] = Field({}, description="per-task overrides of max_drop, e.g. {bitext: 0.5}")
+    max_drop_per_task: dict[Literal["sts", "bitext", "retrieval"], float] = Field(
+        {}, description="per-task overrides of max_drop, e.g. {bitext: 0.5}; each key must be a configured task")
     main_metric: str = Field("mean", description="'mean' (of task means), a task name (sts), or a dataset "
                                                  "metric key (sts/stsb:en)")
     min_rise: float = Field(0.0, description="the main metric must rise at least this much (may be negative)")
@@ -158,6 +206,8 @@ class EvaluateConfig(StrictModel):
         kinds = [t.kind for t in self.tasks]
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"tasks: each kind at most once, got {kinds}; merge their datasets")
+        if self.gate is not None:
+            self._check_gate(kinds)
         if self.split == "dev":
             for t in self.tasks:
                 if isinstance(t, BitextTask):
@@ -167,3 +217,18 @@ class EvaluateConfig(StrictModel):
                     raise ValueError("split dev: cranfield has only a test split; set cranfield: false "
                                      "or use split: test")
         return self
+
+    def _check_gate(self, kinds: list[str]) -> None:
+        """Names in the gate must be tasks (or dataset keys) this config evaluates, or they never apply."""
+        gate = self.gate
+        unknown = sorted(set(gate.max_drop_per_task) - set(kinds))
+        if unknown:
+            raise ValueError(f"gate.max_drop_per_task: {', '.join(unknown)} is not among the configured tasks "
+                             f"({', '.join(kinds)}), so its limit would never apply; remove it or add the task")
+        bad = [k for k, v in gate.max_drop_per_task.items() if v < 0]
+        if bad:
+            raise ValueError(f"gate.max_drop_per_task.{bad[0]}: a drop limit must be >= 0")
+        main = gate.main_metric
+        if main != "mean" and main.split("/", 1)[0] not in kinds:
+            raise ValueError(f"gate.main_metric {main!r}: use 'mean', a configured task ({', '.join(kinds)}) "
+                             "or a dataset key of one (e.g. sts/stsb:en)")

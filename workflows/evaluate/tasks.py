@@ -26,7 +26,7 @@ from embedforge import schemas as S
 from embedforge.data import DatasetSpec, load_dataset, relevant_docs
 from embedforge.elastic import truncate_dims
 from embedforge.errors import InputError
-from workflows.evaluate.config import BitextTask, RetrievalTask, STSTask
+from workflows.evaluate.config import BitextTask, RetrievalTask, STSDataset, STSTask
 from workflows.evaluate.embed import EmbedRequest
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,11 @@ def sts_items(task: STSTask, split: str) -> list[EvalItem]:
     items = []
     for entry in task.datasets:
         for lang in entry.langs:
+            if not entry.is_named_source:
+                name = f"{entry.label}:{lang}"
+                df = _nonempty(load_sts_uri(entry, split), name)
+                items.append(_sts_item(EmbeddingSimilarityEvaluator, name, df, entry.source))
+                continue
             if entry.source == "stsb_crosslingual":
                 spec = DatasetSpec(source=entry.source, split=split, lang="en", lang2=lang, limit=entry.limit)
                 name = f"{entry.source}:en-{lang}"
@@ -148,13 +153,33 @@ def sts_items(task: STSTask, split: str) -> list[EvalItem]:
                 spec = DatasetSpec(source=entry.source, split=split, lang=lang, limit=entry.limit)
                 name = f"{entry.source}:{lang}"
             df = _nonempty(load_dataset(spec), name)
-            s1, s2 = df[S.SENTENCE1].to_list(), df[S.SENTENCE2].to_list()
-            evaluator = EmbeddingSimilarityEvaluator(s1, s2, df[S.SCORE].to_list(), name=name, write_csv=False,
-                                                     similarity_fn_names=["cosine"])
-            items.append(EvalItem(
-                "sts", name, {"text": _unique(s1, s2)}, {"text": SYMMETRIC}, "spearman_cosine",
-                lambda m, ev=evaluator, n=name: _unprefix(ev(m), n), {"rows": df.height}))
+            items.append(_sts_item(EmbeddingSimilarityEvaluator, name, df, entry.source))
     return items
+
+
+def _sts_item(evaluator_cls: Any, name: str, df: pl.DataFrame, source: str) -> EvalItem:
+    s1, s2 = df[S.SENTENCE1].to_list(), df[S.SENTENCE2].to_list()
+    evaluator = evaluator_cls(s1, s2, df[S.SCORE].to_list(), name=name, write_csv=False,
+                              similarity_fn_names=["cosine"])
+    return EvalItem("sts", name, {"text": _unique(s1, s2)}, {"text": SYMMETRIC}, "spearman_cosine",
+                    lambda m, ev=evaluator, n=name: _unprefix(ev(m), n), {"rows": df.height, "source": source})
+
+
+def load_sts_uri(entry: STSDataset, split: str) -> pl.DataFrame:
+    """Scored pairs of a URI: a committed output prefix (its ``data`` rows that carry a score), or a
+    Parquet/JSONL file or hub dataset read with the canonical ``scored_pairs`` columns (bad rows
+    counted against the spec's ``max_bad_fraction``, 0 by default, so a malformed file fails loudly)."""
+    from embedforge import storage
+
+    if storage.is_committed(entry.source):
+        df = pl.from_arrow(storage.read_output(entry.source, "data"))
+        S.require_columns(df.columns, [S.SENTENCE1, S.SENTENCE2, S.SCORE], f"{entry.source} (data output)")
+        df = df.filter(pl.col(S.SCORE).is_not_null()).select(S.SENTENCE1, S.SENTENCE2, S.SCORE)
+        return df.head(entry.limit) if entry.limit else df
+    if "://" not in entry.source and not entry.source.startswith("hf:") and not storage.exists(entry.source):
+        raise InputError(f"STS dataset {entry.source!r}: no such file, and not a committed output prefix")
+    df = load_dataset(DatasetSpec(source=entry.source, split=split, kind="scored_pairs", limit=entry.limit))
+    return df.select(S.SENTENCE1, S.SENTENCE2, S.SCORE)
 
 
 def bitext_items(task: BitextTask, split: str) -> list[EvalItem]:
