@@ -1,9 +1,11 @@
 """The embeddings server: pure parts alone, then a real Serve app over real HTTP on 127.0.0.1.
 
-The app fixture (module scope) deploys two applications on one local Serve: ``main`` (two
-multiplexed models, autoscaling 1-2 replicas with fractional CPUs, API keys from a secret file)
-and ``strict`` (one replica that queues at most one request, long inputs rejected) for the
-overload and reject paths. Serve is shut down after the module.
+The app fixture (module scope) deploys three applications on one local Serve: ``main``
+(topology split: an ingress in front of two multiplexed models, autoscaling 1-2 replicas with
+fractional CPUs, API keys from a secret file, long inputs truncated), ``strict`` (the default
+fused topology, one replica admitting at most 64 queued sentences, long inputs rejected) for the
+overload and reject paths, and ``fused`` (with a model whose folder is missing, for the 500
+path). Serve is shut down after the module.
 """
 
 from __future__ import annotations
@@ -70,11 +72,84 @@ def test_validation_helpers():
         check_inputs(["\ud800"], 5)
 
 
-def test_request_schema_rejects_token_arrays():
-    assert EmbeddingRequest(input="hi").texts() == ["hi"]
-    for tokens in ([1, 2, 3], [[1, 2], [3]]):
-        with pytest.raises(ValueError, match="token-id arrays are not supported"):
-            EmbeddingRequest(input=tokens)
+def test_request_schema_texts_and_token_ids():
+    assert EmbeddingRequest(input="hi").inputs() == ["hi"]
+    assert EmbeddingRequest(input=["a", "b"]).inputs() == ["a", "b"]
+    assert EmbeddingRequest(input=[101, 7592, 102]).inputs() == [[101, 7592, 102]]  # one input
+    assert EmbeddingRequest(input=[[101, 102], [101, 7592, 102]]).inputs() == [[101, 102], [101, 7592, 102]]
+    for bad, message in (([1, "a"], "do not mix them"), ([[1], []], r"input\[1\] is an empty token list"),
+                         ([5, -1], r"token id -1 \(input\[0\]\[1\]\) is negative"), ([True], "do not mix"),
+                         ([[1.5]], "integer token ids")):
+        with pytest.raises(ValueError, match=message):
+            EmbeddingRequest(input=bad)
+    with pytest.raises(ValueError, match="Extra inputs are not permitted"):
+        EmbeddingRequest(input="x", truncate=True)
+
+
+def test_token_policy_reject_truncate_and_vocab(minilm_path):
+    from transformers import AutoTokenizer
+
+    from workflows.serve.tokens import to_token_ids
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    long = "word " * 40
+    with pytest.raises(RequestError, match=r"input\[1\] has 42 tokens; this server embeds at most 16"):
+        to_token_ids(tok, ["short", long], 16, "reject", len(tok))
+    cut = to_token_ids(tok, ["short", long], 16, "truncate", len(tok))
+    assert [len(x) for x in cut.ids] == [3, 16] and cut.ids[1][-1] == tok.sep_token_id and cut.tokens == 19
+    ids = to_token_ids(tok, [[101, 7592, 102]], 16, "reject", len(tok))
+    assert ids.ids == [[101, 7592, 102]] and ids.tokens == 3
+    with pytest.raises(RequestError, match=r"input\[0\]\[1\] = 30522 is not a token id of model 'm': ids are "
+                                           r"0\.\.30521"):
+        to_token_ids(tok, [[101, 30522, 102]], 16, "reject", len(tok), model="m")
+    with pytest.raises(RequestError, match="has 20 tokens"):
+        to_token_ids(tok, [[1000] * 20], 16, "reject", len(tok))
+    assert to_token_ids(tok, [[1000] * 20], 16, "truncate", len(tok)).ids == [[1000] * 16]
+
+
+def test_error_bodies_for_500_and_503_with_retry_after():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from workflows.serve.limits import install_error_handlers, overloaded
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    async def boom():
+        raise KeyError("secret detail")
+
+    @app.get("/busy")
+    async def busy():
+        raise overloaded("64 sentences queued (limit 64)", retry_after_s=1.5)
+
+    client = TestClient(app, raise_server_exceptions=False)
+    r = client.get("/boom")
+    assert r.status_code == 500 and r.json()["error"] == {
+        "message": "internal server error (KeyError); the server logged the details", "type": "server_error",
+        "param": None, "code": "internal_error"}
+    r = client.get("/busy")
+    assert r.status_code == 503 and r.headers["retry-after"] == "2" and r.json()["error"]["code"] == "overloaded"
+    assert client.post("/busy").json()["error"]["type"] == "invalid_request_error"  # 405
+    assert client.get("/nope").json()["error"]["type"] == "not_found_error"
+    err = overloaded("x")  # survives pickling between replicas, headers included
+    import pickle
+
+    assert pickle.loads(pickle.dumps(err)).headers == {"Retry-After": "1"}
+
+
+def test_merge_metric_families_of_several_agents():
+    from workflows.serve.metrics import merge_families
+
+    node = ("# HELP ray_embedforge_serve_requests_total r\n# TYPE ray_embedforge_serve_requests_total counter\n"
+            'ray_embedforge_serve_requests_total{{NodeAddress="{n}",status="200"}} {v}\n'
+            "# HELP ray_other x\n# TYPE ray_other gauge\nray_other 1\n")
+    text = merge_families([node.format(n="a", v=2), node.format(n="b", v=3)])
+    assert text.splitlines() == [
+        "# HELP ray_embedforge_serve_requests_total r", "# TYPE ray_embedforge_serve_requests_total counter",
+        'ray_embedforge_serve_requests_total{NodeAddress="a",status="200"} 2',
+        'ray_embedforge_serve_requests_total{NodeAddress="b",status="200"} 3']
 
 
 def test_body_limit_middleware():
@@ -154,6 +229,7 @@ def test_config_checks_and_example_configs():
         build_config(ServeConfig, {"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
     with pytest.raises(ConfigError, match="long_inputs"):
         build_config(ServeConfig, {"limits": {"long_inputs": "drop"}})
+    assert ServeConfig().limits.long_inputs == "reject" and ServeConfig().topology == "fused"
     cfg = load_config(ServeConfig, REPO / "configs" / "serve.yaml")
     assert cfg.default_model_name == "all-minilm-l6-v2" and cfg.auth.mode == "api_keys"
     serve_yaml = load_yaml(REPO / "configs" / "serve_embeddings.yaml")
@@ -190,31 +266,32 @@ def server(ray_local, minilm_path, tmp_path_factory):
               "http": {"host": "127.0.0.1", "port": port}}
     main = build_config(ServeConfig, {
         **common,
+        "topology": "split",
         "models": {"minilm": minilm_path, "minilm-copy": str(copy)},
-        "limits": {"max_inputs_per_request": 32, "max_body_bytes": 64 * 1024, "max_tokens_per_input": 128},
+        "limits": {"max_inputs_per_request": 32, "max_body_bytes": 64 * 1024, "max_tokens_per_input": 128,
+                   "long_inputs": "truncate"},
         "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.01},
         "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                         "upscale_delay_s": 1, "downscale_delay_s": 3, "metrics_interval_s": 0.5,
                         "look_back_period_s": 2},
         "model_deployment": {"num_cpus": 0.5, "torch_threads": 1, "max_ongoing_requests": 8},
         "ingress": {"num_cpus": 0.1},
+        "ingress_autoscaling": {"min_replicas": 1, "max_replicas": 1},
         "serve": {"app_name": "main"},
     })
     strict = build_config(ServeConfig, {
         **common,
         "models": {"minilm": minilm_path},
-        "limits": {"max_tokens_per_input": 16, "long_inputs": "reject"},
+        "limits": {"max_tokens_per_input": 16, "max_queued_sentences": 64, "retry_after_s": 2},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-        "model_deployment": {"num_cpus": 0.25, "torch_threads": 1, "max_ongoing_requests": 1,
-                             "max_queued_requests": 1},
-        "ingress": {"num_cpus": 0.1},
+        "model_deployment": {"num_cpus": 0.25, "torch_threads": 1},
         "serve": {"app_name": "strict"},
         "http": {"host": "127.0.0.1", "port": port, "route_prefix": "/strict"},
     })
     fused = build_config(ServeConfig, {
         **common,
         "topology": "fused",
-        "models": {"minilm": minilm_path, "minilm-copy": str(copy)},
+        "models": {"minilm": minilm_path, "minilm-copy": str(copy), "broken": str(tmp / "no-such-model")},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
         "model_deployment": {"num_cpus": 0.25, "torch_threads": 1},
         "serve": {"app_name": "fused"},
@@ -319,8 +396,9 @@ def test_fused_topology_serves_the_same_api_in_one_deployment(server, reference)
         fused.embeddings.create(model="nope", input=TEXTS)
     with pytest.raises(BadRequestError, match="dimensions"):
         fused.embeddings.create(model="minilm", input=TEXTS, dimensions=999)
-    cards = httpx.get(f"{server['fused']}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
-    assert {m["id"] for m in cards.json()["data"]} == {"minilm", "minilm-copy"}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    card = httpx.get(f"{server['fused']}/v1/models/minilm-copy", headers=auth, timeout=120).json()
+    assert card["id"] == "minilm-copy" and card["elastic"]["layers"] == [3, 6]
     assert httpx.post(f"{server['fused']}/v1/embeddings", json={"input": "x"}, timeout=30).status_code == 401
     from ray import serve
 
@@ -329,15 +407,42 @@ def test_fused_topology_serves_the_same_api_in_one_deployment(server, reference)
 
 
 @pytest.mark.timeout(300)
-def test_models_list_with_grids(server):
+def test_models_list_card_and_health(server, client):
     import httpx
+    import openai
 
     r = httpx.get(f"{server['url']}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
     assert r.status_code == 200
     cards = {m["id"]: m["elastic"] for m in r.json()["data"]}
     assert cards["minilm"] == {"layers": [6], "dimensions": [384], "max_layers": 6, "max_dimensions": 384,
-                               "max_tokens": 128}
+                               "max_tokens": 128, "vocab_size": 30522, "long_inputs": "truncate"}
     assert cards["minilm-copy"]["layers"] == [3, 6] and cards["minilm-copy"]["dimensions"] == [128, 384]
+    assert [m.id for m in client.models.list()] == ["minilm", "minilm-copy"]
+    one = client.models.retrieve("minilm-copy")
+    assert one.id == "minilm-copy" and one.owned_by == "embedforge"
+    with pytest.raises(openai.NotFoundError, match="'nope' is not served"):
+        client.models.retrieve("nope")
+    for path in ("/health", "/healthz", "/strict/health", "/fused/health"):
+        r = httpx.get(f"{server['url']}{path}", timeout=30)
+        assert r.status_code == 200 and r.json() == {"status": "ok"}, path
+
+
+@pytest.mark.timeout(300)
+def test_token_id_input_matches_text(client, reference):
+    import openai
+
+    want = reference.encode(TEXTS, normalize_embeddings=True)
+    ids = reference.tokenizer(TEXTS)["input_ids"]
+    many = client.embeddings.create(model="minilm", input=ids, encoding_format="float")
+    assert _cos(np.array([d.embedding for d in many.data]), want).min() > 0.9999
+    assert many.usage.prompt_tokens == sum(len(x) for x in ids)
+    one = client.embeddings.create(model="minilm", input=ids[1], encoding_format="float", dimensions=64)
+    assert len(one.data) == 1 and len(one.data[0].embedding) == 64
+    b64 = client.embeddings.create(model="minilm", input=ids)  # the client asks for base64 and decodes it
+    assert _cos(np.array([d.embedding for d in b64.data]), want).min() > 0.9999
+    with pytest.raises(openai.BadRequestError, match=r"input\[0\]\[1\] = 99999 is not a token id") as e:
+        client.embeddings.create(model="minilm", input=[[101, 99999, 102]])
+    assert e.value.code == "invalid_token_id" and e.value.param == "input"
 
 
 @pytest.mark.timeout(120)
@@ -355,8 +460,15 @@ def test_errors_401_400_404_413(server, client):
         client.embeddings.create(model="minilm", input="x", dimensions=1000)
     with pytest.raises(openai.BadRequestError, match=r"layers=7 .*allowed 1\.\.6"):
         client.embeddings.create(model="minilm", input="x", extra_body={"layers": 7})
-    with pytest.raises(openai.BadRequestError, match="token-id arrays are not supported"):
-        client.embeddings.create(model="minilm", input=[[101, 2023]])
+    with pytest.raises(openai.BadRequestError, match="do not mix them") as e:
+        client.embeddings.create(model="minilm", input=[101, "x"])
+    assert e.value.body == {"message": e.value.body["message"], "type": "invalid_request_error", "param": "input",
+                            "code": "invalid_request"}
+    with pytest.raises(openai.BadRequestError, match="truncate: Extra inputs are not permitted") as e:
+        client.embeddings.create(model="minilm", input="x", extra_body={"truncate": True})
+    assert e.value.param == "truncate"
+    ok = client.embeddings.create(model="minilm", input="x", user="user-1", dimensions=8, encoding_format="float")
+    assert len(ok.data[0].embedding) == 8  # every OpenAI field accepted
     with pytest.raises(openai.BadRequestError, match="at most 32 per request"):
         client.embeddings.create(model="minilm", input=["x"] * 33)
     with pytest.raises(openai.NotFoundError, match="'nope' is not served"):
@@ -373,22 +485,52 @@ def test_errors_401_400_404_413(server, client):
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 128
 
 
-@pytest.mark.timeout(180)
-def test_reject_long_inputs_and_503_on_overload(server):
+@pytest.mark.timeout(120)
+def test_500_is_json(server):
+    import httpx
+
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{server['fused']}/v1/embeddings", json={"input": "x", "model": "broken"}, headers=auth,
+                   timeout=60)
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert r.json()["error"]["type"] == "server_error" and r.json()["error"]["code"] == "internal_error"
+    assert "Traceback" not in r.text
+
+
+@pytest.mark.timeout(240)
+def test_reject_long_inputs_and_overload_flood(server, reference):
+    """Default policy: 400 naming the limit. A bounded flood: only 200s and JSON 503s with Retry-After,
+    then normal answers at once."""
     import httpx
 
     url, auth = server["strict"], {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(f"{url}/v1/embeddings", json={"input": ["short", "word " * 40]}, headers=auth, timeout=60)
-    assert r.status_code == 400 and "input[1] has 42 tokens; at most 16" in r.json()["error"]["message"]
-    body = {"input": ["a sentence to embed, once more"] * 200}
+    assert r.status_code == 400 and r.json()["error"]["code"] == "input_too_long"
+    assert "input[1] has 42 tokens; this server embeds at most 16" in r.json()["error"]["message"]
+    body = {"input": [f"sentence {i} to embed" for i in range(40)]}
 
     def call(_):
-        return httpx.post(f"{url}/v1/embeddings", json=body, headers=auth, timeout=120).status_code
+        with httpx.Client(timeout=120) as c:
+            r = c.post(f"{url}/v1/embeddings", json=body, headers=auth)
+        return r.status_code, r.headers.get("retry-after"), r.headers.get("content-type"), r.content
 
-    with cf.ThreadPoolExecutor(16) as pool:
-        codes = list(pool.map(call, range(16)))
+    with cf.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(call, range(96)))
+    codes = [a[0] for a in answers]
     assert set(codes) <= {200, 503}, codes
     assert codes.count(503) >= 1 and codes.count(200) >= 1, codes
+    import json
+
+    for code, retry_after, content_type, content in answers:
+        assert content_type == "application/json"
+        if code == 503:
+            assert retry_after == "2" and json.loads(content)["error"]["code"] == "overloaded"
+        else:
+            assert len(json.loads(content)["data"]) == 40
+    r = httpx.post(f"{url}/v1/embeddings", json={"input": TEXTS}, headers=auth, timeout=60)
+    assert r.status_code == 200
+    got = np.array([d["embedding"] for d in r.json()["data"]])
+    assert _cos(got, reference.encode(TEXTS, normalize_embeddings=True)).min() > 0.9999
 
 
 @pytest.mark.timeout(120)
@@ -399,13 +541,15 @@ def test_metrics_have_our_counters_and_ray_serve(server, client):
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = httpx.get(f"{server['url']}/metrics", timeout=30).text
-        if "ray_serve_" in text:
+        if "ray_serve_" in text and "ray_embedforge_serve_requests_total" in text:
             break
         time.sleep(2)
-    for name in ("embedforge_serve_requests_total", "embedforge_serve_tokens_total", "embedforge_serve_batch_size",
-                 "embedforge_serve_queue_seconds", "ray_serve_"):
+    for name in ("ray_embedforge_serve_requests_total", "ray_embedforge_serve_tokens_total",
+                 "ray_embedforge_serve_batch_size", "ray_embedforge_serve_queue_seconds",
+                 "ray_embedforge_serve_forward_seconds", "ray_serve_"):
         assert name in text, name
-    assert 'embedforge_serve_requests_total{model="minilm",status="200"}' in text
+    assert any(line.startswith("ray_embedforge_serve_requests_total{") and 'model="minilm"' in line
+               and 'status="200"' in line for line in text.splitlines())
 
 
 @pytest.mark.timeout(300)
@@ -449,19 +593,38 @@ def _replicas(app: str, deployment: str) -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
-@pytest.mark.timeout(300)
+def _inputs_embedded(url: str) -> float:
+    """Sum over every replica's series of the model replicas' input counter, from the app's /metrics."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("ray_embedforge_serve_inputs_total{") and 'model="minilm"' in line)
+
+
+@pytest.mark.timeout(360)
 def test_autoscaling_up_under_load_and_down_after(server):
+    """The model deployment scales 1 -> 2 -> 1; the cluster-wide counters never go backwards meanwhile."""
+    import threading
+
     import httpx
 
     url, auth = server["url"], {"Authorization": f"Bearer {KEY}"}
     assert _replicas("main", "EmbeddingModel") == 1
+    scrapes = [_inputs_embedded(url)]
     stop = time.monotonic() + 90
     peak = 1
+    sent = 0
+    lock = threading.Lock()
 
     def load(_):
+        nonlocal sent
         with httpx.Client(timeout=120) as c:
             while time.monotonic() < stop and peak < 2:
-                c.post(f"{url}/v1/embeddings", json={"input": TEXTS * 8, "model": "minilm"}, headers=auth)
+                r = c.post(f"{url}/v1/embeddings", json={"input": TEXTS * 8, "model": "minilm"}, headers=auth)
+                if r.status_code == 200:
+                    with lock:
+                        sent += len(TEXTS) * 8
 
     with cf.ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(load, i) for i in range(12)]
@@ -473,5 +636,12 @@ def test_autoscaling_up_under_load_and_down_after(server):
     assert peak == 2, "the autoscaler did not add a replica under load"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and _replicas("main", "EmbeddingModel") > 1:
+        scrapes.append(_inputs_embedded(url))
         time.sleep(1)
     assert _replicas("main", "EmbeddingModel") == 1, "the autoscaler did not remove the idle replica"
+    deadline = time.monotonic() + 60  # Ray's agents export a few seconds behind
+    while time.monotonic() < deadline and scrapes[-1] < scrapes[0] + sent:
+        time.sleep(2)
+        scrapes.append(_inputs_embedded(url))
+    assert sent > 0 and scrapes[-1] >= scrapes[0] + sent, (scrapes[0], sent, scrapes[-1])
+    assert all(b >= a for a, b in zip(scrapes, scrapes[1:])), scrapes

@@ -14,14 +14,21 @@ from embedforge.runtime import RayConfig
 
 
 class LimitsConfig(StrictModel):
-    """Per-request bounds; together they bound memory (inputs x tokens) so a request cannot OOM a replica."""
+    """Per-request and per-replica bounds; together they bound memory (queued sentences x tokens), so
+    neither one request nor a flood of them can OOM a replica."""
 
-    max_inputs_per_request: int = Field(256, ge=1, le=65536, description="Most strings in one `input` list (more: 400)")
+    max_inputs_per_request: int = Field(256, ge=1, le=65536,
+                                        description="Most inputs (strings or token-id lists) in one request (more: 400)")
     max_tokens_per_input: int = Field(256, ge=8, le=32768,
                                       description="Most tokens per input; also capped by the model's max_seq_length")
-    long_inputs: Literal["truncate", "reject"] = Field(
-        "truncate", description="Inputs longer than max_tokens_per_input: truncate them, or answer 400")
+    long_inputs: Literal["reject", "truncate"] = Field(
+        "reject", description="Inputs longer than the token limit: 'reject' answers 400 naming the input and the "
+                              "limit (as OpenAI does); 'truncate' keeps the first tokens (TEI's auto_truncate)")
     max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest request body in bytes (more: 413)")
+    max_queued_sentences: int = Field(
+        4096, ge=1, description="Sentences one model replica holds queued or in its forward pass; a request that "
+                                "would exceed it is answered 503 with Retry-After (a lone request always runs)")
+    retry_after_s: float = Field(1, gt=0, le=3600, description="Retry-After of 503 answers (rounded up to seconds)")
 
 
 class BatchingConfig(StrictModel):
@@ -59,9 +66,11 @@ class DeploymentConfig(StrictModel):
     num_cpus: float = Field(1, gt=0, description="CPUs per replica (fractional allowed, e.g. 0.5)")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica; the model runs on cuda when it gets one")
     torch_threads: int | None = Field(None, ge=1, description="torch threads per model replica; None: ceil(num_cpus)")
-    max_ongoing_requests: int = Field(64, ge=1, description="Requests one replica works on at once")
-    max_queued_requests: int = Field(256, ge=-1,
-                                     description="Requests queued per caller before 503 (-1: unbounded; avoid)")
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="Requests Serve hands one replica at once; keep it above what the replica admits "
+                               "(limits.max_queued_sentences) so overload gets the app's JSON 503")
+    max_queued_requests: int = Field(
+        512, ge=-1, description="Requests queued per caller beyond that before Serve's own 503 (-1: unbounded; avoid)")
 
 
 class AuthConfig(StrictModel):
@@ -101,13 +110,16 @@ class ServeConfig(StrictModel):
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     model_deployment: DeploymentConfig = DeploymentConfig()
     topology: Literal["split", "fused"] = Field(
-        "split", description="split: a light FastAPI ingress replica in front of the autoscaled model deployment "
-                             "(requests routed to replicas holding their model); fused: one autoscaled deployment "
-                             "answers HTTP and runs the model (model_deployment settings; no ingress -> model hop, "
-                             "but every replica may load every model it is asked for)")
+        "fused", description="fused: one autoscaled deployment answers HTTP and runs the model (model_deployment "
+                             "settings; no ingress -> model hop; every replica may load every model it is asked "
+                             "for); split: an autoscaled FastAPI ingress in front of the autoscaled model "
+                             "deployment (requests routed to replicas holding their model: many models)")
     ingress: DeploymentConfig = Field(
-        DeploymentConfig(num_cpus=0.25, max_ongoing_requests=256, max_queued_requests=1024),
-        description="The FastAPI ingress replica (one; light)")
+        DeploymentConfig(num_cpus=0.25, max_ongoing_requests=512, max_queued_requests=1024),
+        description="The FastAPI ingress replicas of topology split (light)")
+    ingress_autoscaling: AutoscalingConfig = Field(
+        AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=32),
+        description="Serve autoscaling_config of the ingress (topology split)")
     auth: AuthConfig = AuthConfig()
     http: HttpConfig = HttpConfig()
     serve: ServeSection = ServeSection()

@@ -23,11 +23,13 @@ from typing import Any
 
 @dataclass
 class Forwarded:
-    """What one submission got back: its rows of the pass, the pass's size, when the pass started."""
+    """What one submission got back: its rows of the pass, the pass's size, when the round started and
+    how long its forward call ran."""
 
     embeddings: Any
     batch_size: int
     started: float
+    seconds: float = 0.0
 
 
 @dataclass
@@ -86,6 +88,7 @@ class ForwardQueue:
             started = time.monotonic()
             for key, members in groups.items():
                 texts = [t for job in members for t in job.texts]
+                ran = time.monotonic()
                 try:
                     out = await self._run(key, texts)
                 except Exception as e:  # noqa: BLE001 - every waiting caller gets the error
@@ -97,9 +100,10 @@ class ForwardQueue:
                     for job in [*members, *self._pending]:
                         job.future.cancel()
                     raise
+                seconds = time.monotonic() - ran
                 offset = 0
                 for job in members:
                     n = len(job.texts)
                     if not job.future.done():
-                        job.future.set_result(Forwarded(out[offset:offset + n], total, started))
+                        job.future.set_result(Forwarded(out[offset:offset + n], total, started, seconds))
                     offset += n

@@ -4,14 +4,19 @@
   multiplexed model id; the replica loads that model's folder (local or ``s3://``) on first use
   and keeps the ``max_models_per_replica`` most recently used. Serve routes requests for a model
   to replicas that already hold it.
+* Tokens first (:mod:`workflows.serve.tokens`): texts are tokenized once on arrival (token-id
+  inputs are checked against the vocabulary), under the over-length policy; batches carry ids.
+* Admission: a request that would take the replica's queued sentences past
+  ``limits.max_queued_sentences`` is answered 503 with ``Retry-After`` at once, so a flood
+  queues a bounded amount of work (memory: sentences x max tokens) and the rest is told to retry.
 * Dynamic batching (``@serve.batch``, sized in sentences): requests are split into chunks of at
   most ``max_batch_size`` sentences and gathered for ``batch_wait_timeout_s``; each gathered batch
   goes to the replica's :class:`~workflows.serve.forward_queue.ForwardQueue`, which runs one
   forward pass at a time and merges everything that queued meanwhile into the next one, grouped
   by (model, layers) -- the two things that change the forward pass. ``dimensions`` is a cheap
   slice after the pass, so requests with different dimensions share one forward batch.
-* Limits: the token length of every input is measured before queueing; long inputs are
-  truncated (counted as truncated) or rejected with 400.
+* Timings: each answer carries its phases (tokenize, queue, forward) and the metrics go to
+  ``ray.util.metrics`` (cluster-wide through Ray's metrics agents, see :mod:`.metrics`).
 """
 
 from __future__ import annotations
@@ -28,20 +33,20 @@ import numpy as np
 
 from workflows.serve.config import ServeConfig
 from workflows.serve.forward_queue import ForwardQueue
-from workflows.serve.limits import RequestError, check_range, check_token_lengths
+from workflows.serve.limits import RequestError, check_range, overloaded
 
 log = logging.getLogger(__name__)
 
 
-def _chunks(texts: list[str], size: int) -> list[list[str]]:
-    return [texts[i:i + size] for i in range(0, len(texts), size)]
+def _chunks(rows: list, size: int) -> list[list]:
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
 def _sentences(items: list[tuple]) -> int:
     return sum(len(item[1]) for item in items)
 
 
-def model_info(name: str, embedder: Any, max_tokens: int) -> dict[str, Any]:
+def model_info(name: str, embedder: Any, max_tokens: int, long_inputs: str = "reject") -> dict[str, Any]:
     """What ``/v1/models`` shows: the elastic grid, or the full depth/width when the model has none."""
     grid = embedder.grid or {}
     return {
@@ -51,6 +56,8 @@ def model_info(name: str, embedder: Any, max_tokens: int) -> dict[str, Any]:
         "layers": list(grid.get("layers") or [embedder.num_layers]),
         "dimensions": list(grid.get("dims") or [embedder.dimension]),
         "max_tokens": max_tokens,
+        "vocab_size": len(embedder.model.tokenizer),
+        "long_inputs": long_inputs,
     }
 
 
@@ -74,6 +81,10 @@ def make_model_server(config: ServeConfig) -> type:
             self._batched.set_max_batch_size(self.config.batching.max_batch_size)
             self._batched.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
             self._forward = ForwardQueue(self._encode, self.config.batching.max_batch_size)
+            self._admitted = 0  # sentences admitted and not yet answered
+            from workflows.serve.metrics import ModelMetrics
+
+            self.metrics = ModelMetrics()
 
         @serve.multiplexed(max_num_models_per_replica=batching.max_models_per_replica)
         async def get_model(self, model_id: str) -> Any:
@@ -93,9 +104,12 @@ def make_model_server(config: ServeConfig) -> type:
                 num_cpus=self.config.model_deployment.num_cpus, torch_threads=self._threads))
             native = embedder.model.max_seq_length or self.config.limits.max_tokens_per_input
             embedder.model.max_seq_length = min(native, self.config.limits.max_tokens_per_input)
-            # Token counting runs on the event loop while encode runs in a worker thread; a fast
-            # tokenizer's padding/truncation state is shared, so counting gets its own copy.
+            # Tokenization runs on the event loop while padding runs in the encode thread; a fast
+            # tokenizer's padding/truncation state is shared, so the loop gets its own copy.
             embedder.counting_tokenizer = copy.deepcopy(embedder.model.tokenizer)
+            from workflows.serve.tokens import text_prompt
+
+            embedder.serve_prompt = text_prompt(embedder.model)
             log.info("loaded model %s from %s in %.1fs (%d layers, %d dims, max %d tokens)", model_id,
                      embedder.model_path, time.monotonic() - started, embedder.num_layers, embedder.dimension,
                      embedder.model.max_seq_length)
@@ -104,47 +118,56 @@ def make_model_server(config: ServeConfig) -> type:
         async def info(self, model_id: str | None = None) -> dict[str, Any]:
             model_id = model_id or serve.get_multiplexed_model_id()
             embedder = await self.get_model(model_id)
-            return model_info(model_id, embedder, embedder.model.max_seq_length)
+            return model_info(model_id, embedder, embedder.model.max_seq_length, self.config.limits.long_inputs)
 
-        def _token_lengths(self, embedder: Any, texts: list[str]) -> list[int]:
-            max_tokens = embedder.model.max_seq_length
-            tok = embedder.counting_tokenizer
-            if self.config.limits.long_inputs == "reject":
-                raw = [len(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"]]
-                check_token_lengths(raw, max_tokens)
-                return raw
-            ids = tok(texts, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"]
-            return [len(x) for x in ids]
+        def _admit(self, n: int) -> None:
+            limit = self.config.limits.max_queued_sentences
+            if self._admitted and self._admitted + n > limit:
+                self.metrics.rejected.inc()
+                raise overloaded(f"{self._admitted} sentences are queued in this replica (limit {limit})",
+                                 self.config.limits.retry_after_s)
+            self._admitted += n
 
-        async def embed(self, texts: list[str], dimensions: int | None = None,
+        async def embed(self, inputs: list, dimensions: int | None = None,
                         layers: int | None = None, model_id: str | None = None) -> dict[str, Any]:
-            """Embeddings [n, dims] float32 plus usage and what the batches looked like.
+            """Embeddings [n, dims] float32 of texts or token-id lists, plus usage, batches and phase timings.
 
             ``model_id``: given by a fused deployment's routes; otherwise the multiplexed id of the call.
             """
+            from workflows.serve.tokens import to_token_ids
+
             model_id = model_id or serve.get_multiplexed_model_id()
             embedder = await self.get_model(model_id)
             check_range("dimensions", dimensions, 1, embedder.dimension, f"model {model_id!r}")
             check_range("layers", layers, 1, embedder.num_layers, f"model {model_id!r}")
-            lengths = self._token_lengths(embedder, texts)
-            enqueued = time.monotonic()
-            # _batched answers with pending futures (see there); each resolves after its forward pass.
-            pending = await asyncio.gather(*(
-                self._batched((model_id, chunk, layers))
-                for chunk in _chunks(texts, self.config.batching.max_batch_size)))
-            parts = await asyncio.gather(*pending)
+            self._admit(len(inputs))
+            try:
+                tok = to_token_ids(embedder.counting_tokenizer, inputs, embedder.model.max_seq_length,
+                                   self.config.limits.long_inputs, len(embedder.counting_tokenizer),
+                                   embedder.serve_prompt, model_id)
+                enqueued = time.monotonic()
+                # _batched answers with pending futures (see there); each resolves after its forward pass.
+                pending = await asyncio.gather(*(
+                    self._batched((model_id, chunk, layers))
+                    for chunk in _chunks(tok.ids, self.config.batching.max_batch_size)))
+                parts = await asyncio.gather(*pending)
+            finally:
+                self._admitted -= len(inputs)
             emb = np.concatenate([p.embeddings for p in parts])
-            if dimensions is not None and dimensions < emb.shape[1]:
-                from embedforge.elastic import truncate_dims
+            from embedforge.elastic import truncate_dims
 
-                emb = truncate_dims(emb, dimensions, normalize=self.config.normalize)
+            emb = truncate_dims(emb, dimensions, normalize=self.config.normalize)
+            queue_s = max(p.started for p in parts) - enqueued
+            forward_s = sum(p.seconds for p in parts)
+            self.metrics.observe(model_id, len(inputs), tok.tokens, [p.batch_size for p in parts], queue_s,
+                                 forward_s, tok.seconds)
             return {
                 "embeddings": np.ascontiguousarray(emb, dtype=np.float32),
-                "prompt_tokens": int(sum(lengths)),
+                "prompt_tokens": tok.tokens,
                 "dimensions": int(emb.shape[1]),
                 "layers": int(layers or embedder.num_layers),
                 "batch_sizes": [p.batch_size for p in parts],
-                "queue_s": max(p.started for p in parts) - enqueued,
+                "timings": {"tokenize": tok.seconds, "queue": queue_s, "forward": forward_s},
             }
 
         @serve.batch(max_batch_size=batching.max_batch_size, batch_wait_timeout_s=batching.batch_wait_timeout_s,
@@ -155,12 +178,16 @@ def make_model_server(config: ServeConfig) -> type:
             Returning futures (not results) lets ``@serve.batch`` gather the next batch while this
             one waits for or runs its forward pass; the forward queue merges them.
             """
-            return [self._forward.submit((model_id, layers), texts) for model_id, texts, layers in items]
+            return [self._forward.submit((model_id, layers), rows) for model_id, rows, layers in items]
 
-        async def _encode(self, key: tuple[str, int | None], texts: list[str]) -> np.ndarray:
+        async def _encode(self, key: tuple[str, int | None], rows: list[list[int]]) -> np.ndarray:
+            from workflows.serve.tokens import forward_ids
+
             model_id, layers = key
             embedder = await self.get_model(model_id)
-            return await asyncio.get_running_loop().run_in_executor(self._encoder, embedder.encode, texts, None, layers)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._encoder, forward_ids, embedder.model, rows, self.config.batching.encode_batch_size, layers,
+                self._threads)
 
         def check_health(self) -> None:
             """Serve's health check: the replica is alive while its event loop answers."""

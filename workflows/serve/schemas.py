@@ -1,5 +1,12 @@
 """Request and response bodies of ``/v1/embeddings`` and ``/v1/models`` in OpenAI's schema.
 
+``input`` is what OpenAI, TEI and vLLM accept: a string, a list of strings, a list of token ids
+(one input) or a list of lists of token ids (several inputs). Token ids are ids of the served
+model's own tokenizer and reach the model exactly as sent (as in vLLM: include the special
+tokens, e.g. ``tokenizer(text)["input_ids"]`` for a BERT model); the server checks them against
+the vocabulary. Every OpenAI field (``input``, ``model``, ``encoding_format``, ``dimensions``,
+``user``) is accepted; any other field is refused with a 400 in OpenAI's error shape.
+
 Extensions (ignored by OpenAI clients): request ``layers`` (early exit after the first k
 transformer layers), response ``dimensions``/``layers`` (what was actually used) and each
 model's elastic grid in ``/v1/models``.
@@ -11,11 +18,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+Inputs = list[str] | list[list[int]]  # texts, or token-id sequences
+
+
+def _is_id(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input: str | list[str] = Field(description="A string or a list of strings to embed (token arrays unsupported)")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string, a list of strings, a list of token ids (one input), or a list of lists of token ids "
+                    "(ids of the served model's tokenizer, special tokens included)")
     model: str | None = Field(None, description="Served model name (GET /v1/models); None: the default model")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="'float': lists of floats; 'base64': little-endian float32 bytes, base64-encoded")
@@ -25,15 +40,37 @@ class EmbeddingRequest(BaseModel):
 
     @field_validator("input", mode="before")
     @classmethod
-    def _no_token_arrays(cls, value: Any) -> Any:
-        if isinstance(value, list) and value and (
-            isinstance(value[0], int) or (isinstance(value[0], list) and value[0] and isinstance(value[0][0], int))
-        ):
-            raise ValueError("token-id arrays are not supported; send the text as a string or a list of strings")
+    def _one_kind(cls, value: Any) -> Any:
+        """One clear message instead of pydantic's four union branches for mixed or negative input."""
+        if not isinstance(value, list) or not value:
+            return value
+        if all(isinstance(x, str) for x in value):
+            return value
+        if all(_is_id(x) for x in value):
+            rows = [value]
+        elif all(isinstance(x, list) for x in value):
+            rows = value
+            for i, row in enumerate(rows):
+                if not row:
+                    raise ValueError(f"input[{i}] is an empty token list; every input needs at least one token id")
+                if not all(_is_id(x) for x in row):
+                    raise ValueError(f"input[{i}] must be a list of integer token ids")
+        else:
+            raise ValueError("a list input must hold only strings, only token ids (integers), or only lists of "
+                             "token ids; do not mix them")
+        for i, row in enumerate(rows):
+            for j, x in enumerate(row):
+                if x < 0:
+                    raise ValueError(f"token id {x} (input[{i}][{j}]) is negative; ids start at 0")
         return value
 
-    def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+    def inputs(self) -> Inputs:
+        """The inputs as a list: texts, or token-id sequences (a flat id list is one input)."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if self.input and _is_id(self.input[0]):
+            return [list(self.input)]
+        return list(self.input)
 
 
 class EmbeddingData(BaseModel):
@@ -62,6 +99,8 @@ class ElasticGrid(BaseModel):
     max_layers: int = Field(description="`layers` accepts 1..max_layers")
     max_dimensions: int = Field(description="`dimensions` accepts 1..max_dimensions")
     max_tokens: int = Field(description="Tokens per input the server embeds")
+    vocab_size: int = Field(description="Token ids accepted in `input`: 0..vocab_size-1")
+    long_inputs: Literal["reject", "truncate"] = Field(description="What happens to inputs over max_tokens")
 
 
 class ModelCard(BaseModel):
