@@ -56,7 +56,8 @@ def batch_for(objective, n=8):
     rows = {"anchor": ANCHORS[:n], "positive": POSITIVES[:n], "negative": NEGATIVES[:n],
             "sentence1": ANCHORS[:n], "sentence2": POSITIVES[:n], "score": [i / (n - 1) for i in range(n)],
             "teacher_score": [1 - i / (n - 1) for i in range(n)], "query": ANCHORS[:n],
-            "teacher_probs": [[0.7, 0.2, 0.1]] * n}
+            "teacher_probs": [[0.7, 0.2, 0.1]] * n, "source_sentence": ANCHORS[:n], "translation": POSITIVES[:n],
+            "teacher_embedding": [[((i * 7 + j) % 11 - 5) / 20 for j in range(32)] for i in range(n)]}
     for i in range(1, 4):
         rows[f"candidate_{i}"] = [POSITIVES, NEGATIVES, ANCHORS[::-1]][i - 1][:n]
         rows[f"negative_{i}"] = NEGATIVES[i:] + NEGATIVES[:i]
@@ -81,6 +82,8 @@ def test_columns_per_objective():
         "query", "candidate_1", "candidate_2", "teacher_probs"]
     assert required_columns(OBJ.validate_python({"kind": "score_distill", "teacher_column": "t"})) == [
         "sentence1", "sentence2", "t"]
+    assert required_columns(OBJ.validate_python({"kind": "multilingual_distill"})) == [
+        "source_sentence", "translation", "teacher_embedding"]
 
 
 def test_bad_objective_configs_name_the_field():
@@ -90,6 +93,10 @@ def test_bad_objective_configs_name_the_field():
         OBJ.validate_python({"kind": "cosent", "matryoshka2d": {"layers": [2], "dims": [8, 4], "dim_weights": [1]}})
     with pytest.raises(ValidationError, match="mini_batch_size"):
         OBJ.validate_python({"kind": "cached_mnrl", "mini_batch_size": 0})
+    with pytest.raises(ValidationError, match="multilingual_distill: matryoshka2d is not supported"):
+        OBJ.validate_python({"kind": "multilingual_distill", "matryoshka2d": {"layers": [1], "dims": [8]}})
+    with pytest.raises(ValidationError, match="pairs"):
+        OBJ.validate_python({"kind": "multilingual_distill", "pairs": [["only_one"]]})
 
 
 def test_trained_grid_unions_objectives_and_adds_full_size():
@@ -117,6 +124,7 @@ def test_labels_from_batch_checks_teacher_width():
     {"kind": "kl_distill", "num_candidates": 3, "temperature": 0.1},
     {"kind": "score_distill", "loss": "mse"},
     {"kind": "score_distill", "loss": "cosent"},
+    {"kind": "multilingual_distill"},
     {"kind": "cosent", "matryoshka2d": {"layers": [1, 2], "dims": [32, 16], "n_layers_per_step": 1}},
     {"kind": "cached_mnrl", "mini_batch_size": 4, "matryoshka2d": {"layers": [2], "dims": [32, 8]}},
 ], ids=lambda s: s["kind"] + ("+2d" if "matryoshka2d" in s else ""))
@@ -221,6 +229,64 @@ def test_kl_distill_equals_hand_computation_2x3():
     assert logits.compute_loss_from_embeddings([q, *cands], teacher.log()).item() == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="sum to 1"):
         TeacherKLDivLoss(model=None, temperature=T).compute_loss_from_embeddings([q, *cands], teacher * 2)
+
+
+# ---- multilingual distillation == sentence-transformers' MSELoss ----
+
+def test_multilingual_distill_equals_sentence_transformers_mse_loss_and_the_formula(tiny_path):
+    """Loss and gradients of the objective equal MSELoss and 1/2 (mse(S(s), T) + mse(S(t), T)) by hand."""
+    import torch
+    from sentence_transformers.sentence_transformer.losses import MSELoss
+
+    objective = OBJ.validate_python({"kind": "multilingual_distill"})
+    st = load(tiny_path)
+    st.eval()  # dropout off: three passes over the same inputs must see the same network
+    batch = batch_for(objective, 4)
+    teacher = labels_from_batch(objective, batch)
+    assert tuple(teacher.shape) == (4, 32)
+
+    ours = loss_on(st, build_loss(objective, st), objective, batch)
+    ours.backward()
+    g_ours = grads(st)
+    st.zero_grad(set_to_none=True)
+
+    reference = loss_on(st, MSELoss(st), objective, batch)
+    reference.backward()
+    g_ref = grads(st)
+    st.zero_grad(set_to_none=True)
+
+    emb = [st(st.preprocess(batch[c]))["sentence_embedding"] for c in ("source_sentence", "translation")]
+    by_hand = 0.5 * sum(((e - teacher) ** 2).sum() / e.numel() for e in emb)
+    by_hand.backward()
+    g_hand = grads(st)
+
+    assert ours.item() == reference.item()
+    assert ours.item() == pytest.approx(by_hand.item(), rel=1e-6)
+    assert_grads_close(g_ours, g_ref, "MSELoss")
+    assert_grads_close(g_ours, g_hand, "formula")
+
+
+def test_multilingual_distill_is_zero_on_sources_when_the_teacher_is_the_student(tiny_path):
+    import torch
+
+    objective = OBJ.validate_python({"kind": "multilingual_distill"})
+    st = load(tiny_path)
+    st.eval()
+    sources = ANCHORS[:4]
+    teacher = torch.from_numpy(st.encode(sources, convert_to_numpy=True))  # what the teacher stage stores
+    loss_fn = build_loss(objective, st)
+    with torch.no_grad():
+        assert loss_fn([st.preprocess(sources)], teacher).item() < 1e-10
+        assert loss_fn([st.preprocess(sources), st.preprocess(POSITIVES[:4])], teacher).item() > 1e-6
+
+
+def test_multilingual_distill_names_the_teacher_when_widths_differ(tiny_path):
+    import torch
+
+    objective = OBJ.validate_python({"kind": "multilingual_distill"})
+    st = load(tiny_path)
+    with pytest.raises(ValueError, match="teacher's embeddings have 16 dims but the student's have 32"):
+        build_loss(objective, st)([st.preprocess(ANCHORS[:2])], torch.zeros(2, 16))
 
 
 # ---- negatives gathered across workers (2 gloo processes) ----

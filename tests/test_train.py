@@ -82,6 +82,73 @@ def test_reward_feedback_rows_pivot_to_kl_distill_rows():
     np.testing.assert_allclose(wide.column("teacher_probs").to_pylist()[0], [0.625, 0.375])
 
 
+def _synthesized_rows() -> pa.Table:
+    """Rows as a synthesize `data` output holds them: scored pairs and NLI triplets in one table."""
+    return pa.table({
+        "kind": ["scored_pairs", "scored_pairs", "nli_triplets"],
+        "sentence1": ["Ein Hund rennt.", "Eine Frau kocht.", None],
+        "sentence2": ["Ein Hund läuft.", "Ein Hund rennt.", None],
+        "source_sentence1": ["A dog runs.", "A woman cooks.", None],
+        "source_sentence2": ["A dog walks.", "A dog runs.", None],
+        "anchor": [None, None, "Ein Mann isst."], "source_anchor": [None, None, "A man eats."],
+        "positive": [None, None, "Jemand isst."], "source_positive": [None, None, "Someone eats."],
+        "score": [0.8, 0.1, None]})
+
+
+def test_parallel_pairs_melt_the_synthesized_columns_into_distinct_pairs():
+    from workflows.train.teacher import parallel_pairs
+
+    table, info = parallel_pairs(_synthesized_rows(), None, "syn")
+    pairs = list(zip(table.column("source_sentence").to_pylist(), table.column("translation").to_pylist()))
+    # "A dog runs." -> "Ein Hund rennt." is sentence1 of row 0 and sentence2 of row 1: kept once
+    assert pairs == [("A dog runs.", "Ein Hund rennt."), ("A woman cooks.", "Eine Frau kocht."),
+                     ("A dog walks.", "Ein Hund läuft."), ("A man eats.", "Ein Mann isst."),
+                     ("Someone eats.", "Jemand isst.")]
+    assert info["duplicates_merged"] == 1 and ["source_anchor", "anchor"] in info["pairs"]
+    only, _ = parallel_pairs(_synthesized_rows(), [["source_anchor", "anchor"]], "syn")
+    assert only.num_rows == 1
+    with pytest.raises(InputError, match=r"objective.pairs names missing columns \['nope'\]"):
+        parallel_pairs(_synthesized_rows(), [["nope", "anchor"]], "syn")
+    with pytest.raises(InputError, match="no parallel columns found.*set objective.pairs"):
+        parallel_pairs(pa.table({"sentence1": ["a"], "sentence2": ["b"]}), None, "plain")
+    half = _synthesized_rows().set_column(1, "sentence1", pa.array([None, "Eine Frau kocht.", None], pa.string()))
+    with pytest.raises(InputError, match="column 'sentence1' is null in 1 rows where 'source_sentence1' is not"):
+        parallel_pairs(half, None, "syn")
+
+
+class FakeTeacherEmbed:
+    """Stands in for the Ray Data job: a deterministic embedding per text, and a call count."""
+
+    def __init__(self, dims: int = 4):
+        self.calls, self.dims = 0, dims
+
+    def __call__(self, texts, teacher_path, max_seq_length, batch_size, actors, cpus, use_gpu):
+        self.calls += 1
+        return np.asarray([[len(t) + j for j in range(self.dims)] for t in texts], dtype=np.float32)
+
+
+def test_teacher_embeddings_are_committed_once_and_reused_per_teacher_and_data(tmp_path, tiny_model_path):  # noqa: F811
+    from embedforge import storage
+    from workflows.train.losses import MultilingualDistillConfig
+    from workflows.train.teacher import distillation_table
+
+    objective = MultilingualDistillConfig()
+    fake, store = FakeTeacherEmbed(), str(tmp_path / "store")
+    args = dict(teacher=tiny_model_path, store=store, max_seq_length=None, actors=2, cpus=1, use_gpu=False)
+    table, info = distillation_table(_synthesized_rows(), objective, "syn", embed=fake, **args)
+    assert table.column_names == ["source_sentence", "translation", "teacher_embedding"]
+    emb = np.asarray(table.column("teacher_embedding").to_pylist())
+    np.testing.assert_array_equal(emb[:, 0], [len(s) for s in table.column("source_sentence").to_pylist()])
+    assert fake.calls == 1 and info["teacher"]["reused"] is False and info["teacher"]["rows"] == 5
+    assert storage.is_committed(info["teacher"]["uri"]) and info["teacher"]["uri"].startswith(store)
+    again, info2 = distillation_table(_synthesized_rows(), objective, "syn", embed=fake, **args)
+    assert fake.calls == 1 and info2["teacher"]["reused"] is True and again.equals(table)
+    # other data (one row fewer) is another key: embedded again, the first entry stays
+    _, info3 = distillation_table(_synthesized_rows().slice(0, 2), objective, "syn", embed=fake, **args)
+    assert fake.calls == 2 and info3["teacher"]["uri"] != info["teacher"]["uri"]
+    assert storage.is_committed(info["teacher"]["uri"])
+
+
 def test_schedule_splits_each_global_batch_across_ranks_and_covers_an_epoch():
     s = Schedule(sizes=(40, 12), weights=(1.0, 1.0), mode="round_robin", batch_size=2, world_size=2, seed=3)
     plan = s.plan(0, 8)
@@ -304,6 +371,40 @@ def test_each_objective_trains_on_two_workers(ray_local, tmp_path, tiny_model_pa
     assert model.encode(["x"]).shape == (1, 32)
     if name == "cosent_2dmse":
         assert read_grid(summary["model"]) == {"layers": [1, 2], "dims": [16, 32]}
+
+
+@pytest.mark.timeout(600)
+def test_multilingual_distillation_mixed_with_cosent_on_two_workers(ray_local, tmp_path, tiny_model_path):  # noqa: F811
+    """Parallel rows of a synthesize-layout output: the teacher embeds on Ray Data, beside the data, once."""
+    from benchmarks.parallel_reference import write_reference
+    from embedforge import storage
+    from workflows.train.run import run_train
+
+    data = str(tmp_path / "parallel")
+    write_reference(data, "de", "train", limit=12)
+    distill = {"name": "de-parallel", "dataset": data, "objective": {"kind": "multilingual_distill",
+                                                                   "teacher_batch_size": 8}}
+    config = _config(tmp_path / "run", tiny_model_path, [distill, STSB], train={"mixture": "round_robin"})
+    summary = run_train(config)
+    assert np.isfinite(summary["final_train_loss"])
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h.get("dataset") for h in history[1:]] == ["de-parallel", "stsb:train"] * 2
+    entry = summary["manifest"]["datasets"][0]
+    assert entry["rows"] == 24 - entry["manifest"]["distill"]["duplicates_merged"]
+    teacher = entry["manifest"]["distill"]["teacher"]
+    assert teacher["reused"] is False and teacher["dims"] == 32 and teacher["uri"].startswith(
+        f"{data}/teacher_embeddings/")
+    stored = storage.read_manifest(teacher["uri"])
+    assert stored["kind"] == "teacher_embeddings" and stored["rows"] == teacher["rows"] <= 24
+    # the stored targets are the base model's own embeddings of the English sources
+    from sentence_transformers import SentenceTransformer
+
+    table = storage.read_committed_table(teacher["uri"])
+    base = SentenceTransformer(tiny_model_path, device="cpu")
+    expected = base.encode(table.column("source_sentence").to_pylist()[:4])
+    np.testing.assert_allclose(np.asarray(table.column("teacher_embedding").to_pylist()[:4]), expected, atol=1e-5)
+    card = (Path(summary["model"]) / "README.md").read_text()
+    assert "de-parallel" in card and "multilingual_distill" in card
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The training mixture: load and check every dataset, then say which rows each worker trains on.
 
-Pure logic, no Ray. Data placement: the driver loads each (small) dataset once, checks it
+Pure logic, no Ray, except the teacher embeddings of ``multilingual_distill`` items
+(:mod:`workflows.train.teacher`, one Ray Data job per new teacher x data). Data placement: the driver loads each (small) dataset once, checks it
 against its objective, and hands the tables to the workers through the object store; each
 worker then picks its own rows for a step from a seeded permutation. This keeps the data order
 a pure function of ``(seed, step, rank)``, so resuming after a worker failure or a job restart
@@ -128,17 +129,36 @@ def check_item(label: str, table: pa.Table, columns: list[str], objective_kind: 
 
 
 def load_mixture(config: TrainConfig) -> list[LoadedDataset]:
-    """Load and check every dataset before any worker starts."""
+    """Load and check every dataset before any worker starts.
+
+    A ``multilingual_distill`` item's rows become its distinct (source, translation) pairs plus the
+    teacher's embedding of each source: embedded on Ray Data (Ray must be up) unless stored already.
+    """
     global_batch = config.train.batch_size * config.scaling.num_workers
     out = []
     for item in config.datasets:
         table, manifest = load_item(item)
+        if item.objective.kind == "multilingual_distill":
+            table, manifest["distill"] = distill_rows(item, table, config)
         columns = list(required_columns(item.objective))
         check_item(item.label, table, columns, item.objective.kind, global_batch)
         out.append(LoadedDataset(item.label, table.select(columns).combine_chunks(), columns, manifest))
         log.info("dataset %s: %d rows, columns %s, objective %s", item.label, table.num_rows, columns,
                  item.objective.kind)
     return out
+
+
+def distill_rows(item: MixtureItem, table: pa.Table, config: TrainConfig) -> tuple[pa.Table, dict[str, Any]]:
+    """Parallel rows with the teacher's embeddings (Ray Data, or the stored ones) for a multilingual_distill item."""
+    from workflows.train.teacher import default_store, distillation_table
+
+    objective = item.objective
+    data_uri = item.dataset if isinstance(item.dataset, str) else None
+    store = objective.teacher_store or default_store(data_uri, config.output)
+    sc = config.scaling
+    return distillation_table(table, objective, item.label, objective.teacher or config.model.base, store,
+                              config.model.max_seq_length, actors=sc.num_workers, cpus=sc.cpus_per_worker,
+                              use_gpu=sc.use_gpu)
 
 
 @dataclass(frozen=True)

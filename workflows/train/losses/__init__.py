@@ -22,13 +22,17 @@ kind             input columns                                               lab
 ``angle``        ``sentence1, sentence2``                                    ``score`` (B,)
 ``kl_distill``   ``query, candidate_1 .. candidate_k``                       ``teacher_probs`` (B, k)
 ``score_distill`` ``sentence1, sentence2``                                   ``teacher_score`` (B,)
+``multilingual_distill`` ``source_sentence, translation``                    ``teacher_embedding`` (B, D)
 ===============  ==========================================================  ==========================
 
 (``mnrl``/``cached_mnrl``: ``num_negatives=0`` -> no negative column, ``1`` -> ``negative`` (the NLI
 triplet schema), ``n>1`` -> ``negative_1..negative_n``. ``kl_distill``/``score_distill`` take the
 label column name from ``teacher_column``; ``kl_distill`` rows are wide: one row per query with its
 ``k`` candidates and a list column of ``k`` teacher probabilities, e.g. pivoted from the reward
-stage's per-(query, candidate) ``teacher_prob`` rows.)
+stage's per-(query, candidate) ``teacher_prob`` rows. ``multilingual_distill`` rows are made by the
+mixture loader: it melts each row's (source, translation) column pairs, e.g. a synthesize output's
+``source_sentence1``/``sentence1``, into one row per distinct pair, and adds the teacher's embedding
+of the source (:mod:`workflows.train.teacher`, computed once on Ray Data and stored).)
 
 Every objective accepts ``matryoshka2d: {layers: [...], dims: [...], ...}`` (2DMSE): the loss is
 summed over transformer depths ``layers`` (number of layers run; the full depth is always trained)
@@ -68,6 +72,8 @@ ANCHOR, POSITIVE, NEGATIVE = "anchor", "positive", "negative"
 SENTENCE1, SENTENCE2, SCORE = "sentence1", "sentence2", "score"
 QUERY, CANDIDATE = "query", "candidate"
 TEACHER_PROBS, TEACHER_SCORE = "teacher_probs", "teacher_score"
+# multilingual distillation rows (built by workflows.train.mixture from the data's column pairs)
+SOURCE_SENTENCE, TRANSLATION, TEACHER_EMBEDDING = "source_sentence", "translation", "teacher_embedding"
 
 
 class Matryoshka2dConfig(StrictModel):
@@ -154,11 +160,45 @@ class ScoreDistillConfig(_Objective):
     teacher_column: str = Field(TEACHER_SCORE, description="Column with the teacher score")
 
 
+class MultilingualDistillConfig(_Objective):
+    """Multilingual knowledge distillation (Reimers & Gurevych 2020, "Making Monolingual Sentence
+    Embeddings Multilingual using Knowledge Distillation"): for each parallel pair (s, t) the student's
+    embeddings of the source s and of its translation t both regress onto the teacher's embedding of s::
+
+        loss = mean over columns c in (s, t) of mean((student(c) - teacher(s))^2)
+
+    This is sentence-transformers' ``MSELoss`` (the loss of its ``make_multilingual`` example). The
+    teacher embeds every distinct source sentence once, before training, on Ray Data; the result is a
+    committed output keyed by the teacher's weights and the sentences, so reruns reuse it.
+    """
+
+    kind: Literal["multilingual_distill"] = "multilingual_distill"
+    teacher: str | None = Field(
+        None, description="Teacher model (packaged name, local folder, s3:// folder or hub id); None: the base "
+                          "model being trained, as it is before training (its initial weights)")
+    pairs: list[Annotated[list[str], Field(min_length=2, max_length=2)]] | None = Field(
+        None, description="[source column, translation column] pairs read from each row, e.g. "
+                          "[[source_sentence1, sentence1]]; None: every source_<c> / <c> pair in the data "
+                          "(a synthesize output: source_sentence1/sentence1, source_sentence2/sentence2, ...)")
+    teacher_batch_size: int = Field(64, ge=1, le=4096, description="Sentences per teacher forward pass")
+    teacher_store: str | None = Field(
+        None, description="URI under which teacher embeddings are stored and looked up; None: beside the data "
+                          "(<data URI>/teacher_embeddings) or, for a named dataset, <train output>/teacher_embeddings")
+
+    @model_validator(mode="after")
+    def _check(self) -> MultilingualDistillConfig:
+        if self.matryoshka2d is not None:
+            raise ValueError("multilingual_distill: matryoshka2d is not supported (the teacher targets are "
+                             "full-width, full-depth embeddings); remove matryoshka2d from this objective")
+        return self
+
+
 ObjectiveConfig = Annotated[
-    Union[MNRLConfig, CachedMNRLConfig, CoSENTConfig, AnglEConfig, KLDistillConfig, ScoreDistillConfig],
+    Union[MNRLConfig, CachedMNRLConfig, CoSENTConfig, AnglEConfig, KLDistillConfig, ScoreDistillConfig,
+          MultilingualDistillConfig],
     Field(discriminator="kind"),
 ]
-KINDS = ("mnrl", "cached_mnrl", "cosent", "angle", "kl_distill", "score_distill")
+KINDS = ("mnrl", "cached_mnrl", "cosent", "angle", "kl_distill", "score_distill", "multilingual_distill")
 
 
 def input_columns(objective: Any) -> list[str]:
@@ -171,6 +211,8 @@ def input_columns(objective: Any) -> list[str]:
         return [SENTENCE1, SENTENCE2]
     if objective.kind == "kl_distill":
         return [QUERY, *[f"{CANDIDATE}_{i}" for i in range(1, objective.num_candidates + 1)]]
+    if objective.kind == "multilingual_distill":
+        return [SOURCE_SENTENCE, TRANSLATION]
     raise ValueError(f"unknown objective kind {objective.kind!r}; expected one of {KINDS}")
 
 
@@ -180,6 +222,8 @@ def label_column(objective: Any) -> str | None:
         return SCORE
     if objective.kind in ("kl_distill", "score_distill"):
         return objective.teacher_column
+    if objective.kind == "multilingual_distill":
+        return TEACHER_EMBEDDING
     return None
 
 
@@ -258,6 +302,6 @@ def build_loss(objective: Any, model: Any) -> torch.nn.Module:
 
 __all__ = [
     "AnglEConfig", "CachedMNRLConfig", "CoSENTConfig", "KLDistillConfig", "MNRLConfig", "Matryoshka2dConfig",
-    "ObjectiveConfig", "ScoreDistillConfig", "build_loss", "input_columns", "label_column", "labels_from_batch",
+    "MultilingualDistillConfig", "ObjectiveConfig", "ScoreDistillConfig", "build_loss", "input_columns", "label_column", "labels_from_batch",
     "record_grid", "required_columns", "trained_grid", "unwrap_model",
 ]

@@ -34,6 +34,10 @@ def base_loss(objective: Any, st: Any) -> nn.Module:
         if objective.loss == "mse":
             return L.CosineSimilarityLoss(st)
         return L.CoSENTLoss(st, scale=objective.scale)
+    if kind == "multilingual_distill":
+        from workflows.train.losses.multilingual import MultilingualDistillLoss
+
+        return MultilingualDistillLoss(st)
     raise ValueError(f"unknown objective kind {kind!r}")
 
 
