@@ -2,8 +2,8 @@
 
 The folder loads with ``SentenceTransformer(path)`` alone; beside the weights it carries
 
-* ``README.md``: the model card (base model, the data manifests it was trained on, the
-  resolved config, dev metrics, the elastic grid);
+* ``README.md``: the model card (base model, one line per training dataset: name, rows,
+  objective and source URI; the resolved config, dev metrics, the elastic grid);
 * ``embedforge_training.json``: the same facts, machine-readable;
 * ``elastic_grid.json`` (:mod:`embedforge.elastic`) when a 2D Matryoshka objective trained it;
 
@@ -28,6 +28,30 @@ log = logging.getLogger(__name__)
 TRAINING_FILE = "embedforge_training.json"
 
 
+def data_source(manifest: dict[str, Any]) -> str:
+    """Where a mixture item's rows came from, in words: a named dataset split, a file, or a committed output."""
+    if "source" in manifest:  # a DatasetSpec
+        spec = manifest["source"]
+        parts = [f"split {spec.get('split')}"] + [f"{k} {spec[k]}" for k in ("lang", "lang2", "kind", "limit")
+                                                  if spec.get(k) is not None]
+        return f"`{spec['source']}` ({', '.join(parts)})"
+    facts = [f"output `{manifest.get('output', 'data')}`"]
+    if manifest.get("kind"):
+        facts.append(f"kind {manifest['kind']}")
+    committed = manifest.get("manifest") or {}
+    if committed.get("kind"):
+        facts.append(f"a {committed['kind']} output")
+    if committed.get("config_hash"):
+        facts.append(f"config hash {committed['config_hash']}")
+    return f"`{manifest.get('uri', '?')}` ({', '.join(facts)})"
+
+
+def data_line(dataset: dict[str, Any]) -> str:
+    """One readable model-card line: name, rows, objective, weight and source URI of a mixture item."""
+    return (f"- **{dataset['label']}**: {dataset['rows']} rows, objective `{dataset['objective']['kind']}`, "
+            f"weight {dataset['weight']}, from {data_source(dataset.get('manifest') or {})}")
+
+
 def model_card(info: dict[str, Any]) -> str:
     """Markdown model card with a Hugging Face style YAML header."""
     header = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
@@ -39,9 +63,8 @@ def model_card(info: dict[str, Any]) -> str:
              "```python", "from sentence_transformers import SentenceTransformer",
              "model = SentenceTransformer(\"<this folder>\")", "emb = model.encode([\"a sentence\"])", "```", "",
              "## Training data", ""]
-    for d in info["datasets"]:
-        lines.append(f"- **{d['label']}** ({d['rows']} rows), objective `{d['objective']['kind']}`, "
-                     f"weight {d['weight']}: `{json.dumps(d['manifest'], default=str)[:400]}`")
+    lines += [data_line(d) for d in info["datasets"]]
+    lines += ["", f"Each dataset's full manifest is in `{TRAINING_FILE}`."]
     lines += ["", "## Dev metrics", ""]
     if info["dev_metrics"]:
         base = info.get("base_dev_metrics") or {}
