@@ -106,7 +106,9 @@ class CheckpointConfig(StrictModel):
 
     every_n_steps: int = Field(100, ge=1, description="Checkpoint (and evaluate on dev) every N steps and at the end")
     keep_best_k: int = Field(2, ge=1, description="Checkpoints kept, best by the dev metric")
-    metric: str = Field("dev_spearman", description="Reported metric that ranks checkpoints")
+    metric: Literal["dev_spearman", "train_loss"] = Field(
+        "dev_spearman", description="Reported metric that ranks checkpoints: dev_spearman (mode max) or "
+                                    "train_loss (mode min; the mean over the steps since the last report)")
     mode: Literal["max", "min"] = Field("max", description="Whether a higher metric is better")
     export: Literal["best", "last"] = Field("best", description="Which checkpoint becomes the exported model")
 
