@@ -55,6 +55,15 @@ class StrictModel(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def forbid_keys(section: BaseModel, names: Sequence[str], where: str, reason: str) -> None:
+    """Raise ValueError when any of ``names`` was given in ``section``: keys a shared sub-config has
+    but that the enclosing config sets itself (or cannot honour), so they would be ignored."""
+    given = [n for n in names if n in section.model_fields_set]
+    if given:
+        keys = ", ".join(f"{where}.{n}" for n in given)
+        raise ValueError(f"{keys}: {reason}; remove {'it' if len(given) == 1 else 'them'}")
+
+
 def _allowed_keys(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
     """Field names allowed at ``loc[:-1]`` (for 'unknown key' messages)."""
     current: Any = model
@@ -172,8 +181,14 @@ def run_job(
     main: Callable[[C], Any],
     argv: Sequence[str] | None = None,
     description: str | None = None,
+    check: Callable[[C], None] | None = None,
+    describe: Callable[[C], str] | None = None,
 ) -> int:
     """Parse ``--config/--set/--dry-run``, validate, then call ``main(config)``.
+
+    ``check(config)`` runs what the model cannot see (API-key variables, data a config names) and
+    raises ConfigError, also on ``--dry-run``; ``describe(config)`` is what ``--dry-run`` prints
+    (default: the resolved config as YAML with its hash).
 
     Returns the process exit code: 2 for a bad config (before any cluster work), 1 for any
     other project error, else what ``main`` returned (``None`` -> 0).
@@ -187,13 +202,21 @@ def run_job(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = load_config(model, args.config, args.overrides)
+        if check is not None:
+            check(config)
+        if args.dry_run:
+            if describe is not None:
+                print(describe(config), end="")
+            else:
+                print(f"# {model.__name__} (hash {config.config_hash()}, content hash {config.content_hash()})")
+                print(config.to_yaml(), end="")
+            return 0
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(f"# {model.__name__} (hash {config.config_hash()})")
-        print(config.to_yaml(), end="")
-        return 0
+    except EmbedforgeError as e:  # e.g. a dataset the plan fingerprints is missing
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     try:
         result = main(config)
     except ConfigError as e:

@@ -59,12 +59,41 @@ def _without_submitted_env_vars(runtime_env: dict[str, Any]) -> dict[str, Any]:
     return {**runtime_env, "env_vars": env_vars}
 
 
+# Fields of RayConfig that take effect only when this process connects to or starts Ray.
+START_FIELDS = ("address", "num_cpus", "object_store_memory_mb", "include_dashboard", "temp_dir")
+_started_with: RayConfig | None = None
+
+
+def ignored_start_fields(config: RayConfig, started_with: RayConfig | None) -> list[str]:
+    """The start fields ``config`` sets explicitly that cannot apply because Ray already runs with
+    other settings (those of ``started_with``, or of whoever started it when None)."""
+    out = []
+    for name in START_FIELDS:
+        if name not in config.model_fields_set:
+            continue
+        if started_with is not None and getattr(started_with, name) == getattr(config, name):
+            continue
+        out.append(f"ray.{name}={getattr(config, name)!r}")
+    return out
+
+
 def init_ray(config: RayConfig | None = None, runtime_env: dict[str, Any] | None = None) -> dict[str, float]:
-    """Connect to or start Ray; return the cluster's resources. Idempotent."""
+    """Connect to or start Ray; return the cluster's resources. Idempotent.
+
+    When Ray already runs in this process, the start settings of ``config`` cannot apply; each one
+    set explicitly that differs from how Ray was started is named in a warning (never silently
+    dropped). ``fail_fast_on_missing_gpus`` applies either way.
+    """
     import ray
 
+    global _started_with
     config = config or RayConfig()
     if ray.is_initialized():
+        ignored = ignored_start_fields(config, _started_with)
+        if ignored:
+            log.warning("Ray already runs in this process, so %s from this config do not apply (it was started "
+                        "%s); start the job in a fresh process for them to take effect", ", ".join(ignored),
+                        "with " + _describe(_started_with) if _started_with else "outside init_ray")
         return ray.cluster_resources()
     env = {"env_vars": {**WORKER_ENV, **(runtime_env or {}).get("env_vars", {})}}
     runtime_env = {**(runtime_env or {}), **env}
@@ -83,7 +112,12 @@ def init_ray(config: RayConfig | None = None, runtime_env: dict[str, Any] | None
             _temp_dir=config.temp_dir,
             runtime_env=runtime_env,
         )
+    _started_with = config
     return ray.cluster_resources()
+
+
+def _describe(config: RayConfig) -> str:
+    return ", ".join(f"{n}={getattr(config, n)!r}" for n in START_FIELDS)
 
 
 def unwrap_error(err: BaseException) -> BaseException:

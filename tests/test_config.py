@@ -95,3 +95,101 @@ def test_real_job_exits_2_before_cluster_work():
     )
     assert proc.returncode == 2, proc.stderr
     assert "ray.num_cpus = 0" in proc.stderr
+
+
+# ---------------------------------------------------------------- keys that validated and did nothing
+
+
+def test_run_job_check_hook_exits_2_and_dry_run_describes(capsys):
+    def check(cfg):
+        if cfg.steps > 5:
+            raise ConfigError("steps: above what the environment allows")
+
+    assert run_job(DemoConfig, print, ["--set", "steps=9"], check=check) == 2
+    assert "steps: above what the environment allows" in capsys.readouterr().err
+    assert run_job(DemoConfig, print, ["--dry-run", "--set", "steps=3"], check=check,
+                   describe=lambda c: f"described {c.steps}\n") == 0
+    assert capsys.readouterr().out == "described 3\n"
+
+
+def test_content_hash_leaves_out_where_and_how_a_stage_runs():
+    from embedforge.runtime import RayConfig
+
+    class Staged(StrictModel):
+        x: int = 1
+        output: str = "/a"
+        ray: RayConfig = RayConfig()
+        overwrite: bool = False
+
+    a = Staged()
+    assert a.content_hash() == Staged(output="/b", ray=RayConfig(num_cpus=8), overwrite=True).content_hash()
+    assert a.content_hash() != Staged(x=2).content_hash()
+
+
+def test_debate_keys_set_by_the_app_are_refused():
+    from workflows.debate.config import DebateConfig, DebateEvalConfig
+
+    base = {"auth": {"mode": "disabled"}}
+    for over, match in [
+        ({"cipher": {"model": "x"}}, r"cipher\.model: each served model's source"),
+        ({"cipher": {"num_cpus": 2}}, r"cipher\.num_cpus: agent_deployment"),
+        ({"cipher": {"torch_threads": 2}}, r"cipher\.torch_threads: agent_deployment"),
+        ({"engine": {"model": "x"}}, r"engine\.model: each served model's source"),
+        ({"engine": {"num_gpus": 1}}, r"engine\.num_gpus: agent_deployment"),
+        ({"ingress": {"num_gpus": 1}}, r"ingress\.num_gpus: the ingress runs no model"),
+        ({"ingress": {"torch_threads": 2}}, r"ingress\.torch_threads: the ingress runs no model"),
+        ({"agent_deployment": {"num_gpus": 1}}, "CIPHER agents decode with transformers on CPU"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            build_config(DebateConfig, {**base, **over})
+    # what stays: cipher decoding settings, engine settings the replica uses, GPUs for vLLM-only modes
+    cfg = build_config(DebateConfig, {**base, "cipher": {"max_context_tokens": 1024}, "engine": {"max_model_len": 1024},
+                                      "modes": ["natural", "single"], "agent_deployment": {"num_gpus": 1}})
+    assert cfg.agent_deployment.num_gpus == 1
+    with pytest.raises(ConfigError, match=r"cipher\.model: `model` is every agent's model"):
+        build_config(DebateEvalConfig, {"cipher": {"model": "x"}})
+    assert build_config(DebateEvalConfig, {"cipher": {"num_cpus": 2}}).cipher.num_cpus == 2  # used there
+    load_config(DebateConfig, REPO / "configs" / "debate.yaml")
+    load_config(DebateEvalConfig, REPO / "configs" / "debate_eval.yaml")
+
+
+def test_debate_replica_config_round_trips():
+    """The app hands replicas only the keys given, and they rebuild the same config."""
+    from workflows.debate.config import DebateConfig
+
+    cfg = build_config(DebateConfig, {"auth": {"mode": "disabled"}, "agent_deployment": {"num_cpus": 2}})
+    again = DebateConfig.model_validate(cfg.model_dump(mode="json", exclude_unset=True))
+    assert again == cfg and again.agent_deployment.num_cpus == 2
+
+
+def test_checkpoint_metric_is_a_reported_name():
+    from workflows.train.config import CheckpointConfig
+
+    with pytest.raises(ValueError, match="dev_spearman"):
+        CheckpointConfig(metric="dev_spearmann")
+    assert CheckpointConfig(metric="train_loss", mode="min").metric == "train_loss"
+
+
+def test_init_ray_names_the_settings_it_cannot_apply(monkeypatch, caplog):
+    """With Ray already running, explicitly set start fields are named in a warning, never dropped silently."""
+    import ray
+
+    from embedforge import runtime
+    from embedforge.runtime import RayConfig, ignored_start_fields, init_ray
+
+    started = RayConfig(num_cpus=4)
+    assert ignored_start_fields(RayConfig(num_cpus=4), started) == []
+    assert ignored_start_fields(RayConfig(), started) == []  # nothing asked for
+    assert ignored_start_fields(RayConfig(num_cpus=6, temp_dir="/t"), started) == ["ray.num_cpus=6",
+                                                                                    "ray.temp_dir='/t'"]
+    assert ignored_start_fields(RayConfig(num_cpus=4), None) == ["ray.num_cpus=4"]  # started outside init_ray
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    monkeypatch.setattr(runtime, "_started_with", started)
+    with caplog.at_level("WARNING", logger="embedforge.runtime"):
+        assert init_ray(RayConfig(num_cpus=6)) == {"CPU": 4.0}
+    assert "ray.num_cpus=6 from this config do not apply" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="embedforge.runtime"):
+        init_ray(RayConfig(num_cpus=4, fail_fast_on_missing_gpus=False))
+    assert caplog.text == ""

@@ -72,7 +72,10 @@ class DebateAgentServer:
         else:
             from actors.text_agent import TextAgent, TextAgentConfig
 
-            self.agent = TextAgent(TextAgentConfig(engine=config.engine.model_copy(update={"model": source})))
+            dep = config.agent_deployment
+            self.agent = TextAgent(TextAgentConfig(engine=config.engine.model_copy(update={
+                "model": source, "num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus,
+                "num_threads": dep.torch_threads})))
         # vLLM's LLM object is not thread-safe; CIPHER's torch forward passes are.
         self._lock = asyncio.Lock() if kind == "text" else None
 
@@ -213,7 +216,9 @@ def build_debate_app(config: DebateConfig) -> Any:
     """The Serve application for ``config``: ingress -> one autoscaled deployment per (engine, model)."""
     from ray import serve
 
-    data = config.model_dump(mode="json")
+    # only the keys given: the replicas validate it again, and keys a DebateConfig sets itself
+    # (cipher.model, ...) are refused when given
+    data = config.model_dump(mode="json", exclude_unset=True)
     dep, scale = config.agent_deployment, config.autoscaling
     kinds = (["cipher"] if "cipher" in config.modes else []) + \
         (["text"] if {"natural", "single"} & set(config.modes) else [])
@@ -222,7 +227,8 @@ def build_debate_app(config: DebateConfig) -> Any:
         for name, source in config.models.items():
             dname = deployment_name(kind, name)
             handles[dname] = serve.deployment(
-                DebateAgentServer, name=dname, ray_actor_options={"num_cpus": dep.num_cpus},
+                DebateAgentServer, name=dname,
+                ray_actor_options={"num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus if kind == "text" else 0},
                 max_ongoing_requests=dep.max_ongoing_requests, max_queued_requests=dep.max_queued_requests,
                 autoscaling_config=scale.model_dump(),
             ).bind(kind, source, data)

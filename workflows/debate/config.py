@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from actors.cipher_agent import CipherAgentConfig
 from actors.llm_engine import LLMEngineConfig
-from embedforge.config import StrictModel
+from embedforge.config import StrictModel, forbid_keys
 from embedforge.runtime import RayConfig
 from workflows.serve.config import AuthConfig, AutoscalingConfig, DeploymentConfig, HttpConfig, ServeSection
 
@@ -52,16 +52,22 @@ class DebateConfig(StrictModel):
                                   description="Modes served: cipher deploys transformers agents, natural/single vLLM agents")
     defaults: DebateDefaults = DebateDefaults()
     limits: DebateLimits = DebateLimits()
-    cipher: CipherAgentConfig = Field(CipherAgentConfig(), description="CIPHER agents (model is set per served model)")
-    engine: LLMEngineConfig = Field(LLMEngineConfig(max_model_len=4096),
-                                    description="vLLM engine of natural-language agents (model is set per served model)")
+    cipher: CipherAgentConfig = Field(
+        CipherAgentConfig(), description="CIPHER agents; model is set per served model (`models`), CPUs and torch "
+                                         "threads by agent_deployment")
+    engine: LLMEngineConfig = Field(
+        LLMEngineConfig(max_model_len=4096),
+        description="vLLM engine of natural-language agents; model is set per served model (`models`), CPUs, GPUs "
+                    "and threads by agent_deployment")
     autoscaling: AutoscalingConfig = Field(AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=2),
                                            description="Serve autoscaling of every agent deployment")
-    agent_deployment: DeploymentConfig = Field(DeploymentConfig(num_cpus=1, max_ongoing_requests=4, max_queued_requests=64),
-                                               description="Replica resources of every agent deployment")
+    agent_deployment: DeploymentConfig = Field(
+        DeploymentConfig(num_cpus=1, max_ongoing_requests=4, max_queued_requests=64),
+        description="Replica resources of every agent deployment (num_gpus: natural/single vLLM agents only; "
+                    "CIPHER agents decode on CPU)")
     ingress: DeploymentConfig = Field(
         DeploymentConfig(num_cpus=0.25, max_ongoing_requests=64, max_queued_requests=256),
-        description="The FastAPI debate ingress replica")
+        description="The FastAPI debate ingress replica (runs no model: num_gpus and torch_threads do not apply)")
     auth: AuthConfig = AuthConfig()
     http: HttpConfig = HttpConfig()
     serve: ServeSection = ServeSection(app_name="debate")
@@ -76,6 +82,16 @@ class DebateConfig(StrictModel):
             raise ValueError("defaults.rounds / defaults.max_tokens must be within limits.max_rounds / max_tokens")
         if self.auth.mode == "api_keys" and not (self.auth.api_keys_env or self.auth.api_keys_file):
             raise ValueError("auth: set api_keys_env or api_keys_file, or mode: disabled for local use")
+        forbid_keys(self.cipher, ["model"], "cipher", "each served model's source (`models`) is its CIPHER agent's model")
+        forbid_keys(self.cipher, ["num_cpus", "torch_threads"], "cipher",
+                    "agent_deployment.num_cpus / agent_deployment.torch_threads set them for every agent replica")
+        forbid_keys(self.engine, ["model"], "engine", "each served model's source (`models`) is its engine's model")
+        forbid_keys(self.engine, ["num_cpus", "num_gpus", "num_threads"], "engine",
+                    "agent_deployment.num_cpus / num_gpus / torch_threads set them for every agent replica")
+        forbid_keys(self.ingress, ["num_gpus", "torch_threads"], "ingress", "the ingress runs no model")
+        if "cipher" in self.modes and self.agent_deployment.num_gpus > 0:
+            raise ValueError("agent_deployment.num_gpus: CIPHER agents decode with transformers on CPU, so a GPU "
+                             "would sit idle; set it to 0, or serve only modes natural/single (vLLM agents)")
         return self
 
     @property
@@ -103,8 +119,8 @@ class DebateEvalConfig(StrictModel):
     max_tokens: int = Field(128, ge=1, le=2048, description="Tokens per response (the same budget in every mode)")
     batch_size: int = Field(20, ge=1, description="Questions decoded together by each agent")
     data: EvalDataConfig = EvalDataConfig()
-    cipher: CipherAgentConfig = Field(CipherAgentConfig(num_cpus=1), description="CIPHER agent (model is set from `model`)")
-    engine: LLMEngineConfig = Field(LLMEngineConfig(max_model_len=4096), description="vLLM engine (model set from `model`)")
+    cipher: CipherAgentConfig = Field(CipherAgentConfig(num_cpus=1), description="CIPHER agent (its model is `model`)")
+    engine: LLMEngineConfig = Field(LLMEngineConfig(max_model_len=4096), description="vLLM engine (its model is `model`)")
     timeout_s: float = Field(3600, gt=0, description="Give up on one batch of one mode after this long")
     ray: RayConfig = RayConfig()
     output: str = Field("outputs/debate_eval", description="URI where results, report and plot are committed")
@@ -115,4 +131,6 @@ class DebateEvalConfig(StrictModel):
             raise ValueError(f"temperatures must be in [0, 2], got {self.temperatures}")
         if self.data.gsm8k_limit + self.data.arithmetic_count == 0:
             raise ValueError("data: set gsm8k_limit or arithmetic_count above 0")
+        forbid_keys(self.cipher, ["model"], "cipher", "`model` is every agent's model")
+        forbid_keys(self.engine, ["model"], "engine", "`model` is every agent's model")
         return self
