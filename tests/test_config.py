@@ -193,3 +193,23 @@ def test_init_ray_names_the_settings_it_cannot_apply(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="embedforge.runtime"):
         init_ray(RayConfig(num_cpus=4, fail_fast_on_missing_gpus=False))
     assert caplog.text == ""
+
+
+def test_translation_engine_fields_are_the_engines_own_and_reach_it():
+    from actors.llm_engine import LLMEngineConfig
+    from workflows.synthesize.config import SynthesizeConfig, TranslationConfig
+    from workflows.synthesize.pipeline import translator_config
+
+    assert set(LLMEngineConfig.model_fields) <= set(TranslationConfig.model_fields)
+    cfg = build_config(SynthesizeConfig, {"inputs": [{"source": "stsb", "split": "train", "limit": 4}],
+                                          "target_langs": ["de"], "output": "/tmp/x",
+                                          "translation": {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.5,
+                                                          "kv_cache_gb": 2, "num_threads": 3}})
+    engine = LLMEngineConfig.model_validate(translator_config(cfg)["engine"])
+    assert (engine.tensor_parallel_size, engine.gpu_memory_utilization, engine.kv_cache_gb, engine.num_threads) == \
+        (2, 0.5, 2.0, 3)
+    assert engine.model == "gemma-3-270m" and engine.max_model_len == 1024  # the translation defaults
+    with pytest.raises(ConfigError, match=r"translation\.num_threads: the ray_data_llm backend"):
+        build_config(SynthesizeConfig, {"inputs": [{"source": "stsb", "split": "train"}], "target_langs": ["de"],
+                                        "output": "/tmp/x", "translation": {"backend": "ray_data_llm",
+                                                                            "num_threads": 2}})

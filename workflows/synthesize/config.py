@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from embedforge.config import StrictModel
+from actors.llm_engine import LLMEngineConfig
+from embedforge.config import StrictModel, forbid_keys
 from embedforge.data import DatasetSpec, forbid_test_split
 from embedforge.errors import ConfigError
 from embedforge.runtime import RayConfig
@@ -21,8 +22,13 @@ class FewShotExample(StrictModel):
     target: str = Field(min_length=1, description="Its translation into the target language")
 
 
-class TranslationConfig(StrictModel):
-    """The translation engine, prompting and decoding; ``concurrency/batch_size/num_gpus`` scale it out."""
+class TranslationConfig(LLMEngineConfig):
+    """The translation engine, prompting and decoding; ``concurrency/batch_size/num_gpus`` scale it out.
+
+    The engine fields are :class:`actors.llm_engine.LLMEngineConfig`'s (every one reaches the
+    engine: ``tensor_parallel_size``, ``gpu_memory_utilization``, ``kv_cache_gb`` ...); this class
+    adds prompting, decoding and scale-out, and its own defaults for ``model`` and ``max_model_len``.
+    """
 
     model: str = Field("gemma-3-270m", description="Packaged short name, local folder, s3:// folder or hub id")
     prompt_style: Literal["auto", "chat", "few_shot"] = Field(
@@ -40,12 +46,19 @@ class TranslationConfig(StrictModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="vLLM dtype; auto: bfloat16 on GPUs and CPUs with native bf16, float32 elsewhere "
                             "(resolved on a worker, recorded in the manifest as engine_dtype)")
-    kv_cache_gb: float = Field(1.0, gt=0, description="CPU KV cache per replica, GiB")
-    enforce_eager: bool = Field(True, description="Skip torch.compile / CUDA graphs (fast start; right on CPU)")
     concurrency: int = Field(1, ge=1, description="Engine replicas (Ray actors), one model copy each")
     batch_size: int = Field(64, ge=1, description="Sentences per engine call")
-    num_cpus: float = Field(1, ge=0, description="CPUs per engine replica")
-    num_gpus: float = Field(0, ge=0, description="GPUs per engine replica (0 on CPU machines)")
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> TranslationConfig:
+        if self.backend == "ray_data_llm":
+            forbid_keys(self, ["num_threads", "in_process", "enable_prompt_embeds"], "translation",
+                        "the ray_data_llm backend's vLLM stage runs its own engine process, which these do not reach")
+        return self
+
+    def engine_config(self) -> LLMEngineConfig:
+        """The engine part, as the engine takes it."""
+        return LLMEngineConfig.model_validate(self.model_dump(include=set(LLMEngineConfig.model_fields)))
 
 
 class QEConfig(StrictModel):

@@ -72,10 +72,8 @@ DATA, QUARANTINE = "data", "quarantine"
 
 
 def translator_config(config: SynthesizeConfig) -> dict[str, Any]:
-    t = config.translation
-    engine = {"model": t.model, "dtype": t.dtype, "max_model_len": t.max_model_len, "enforce_eager": t.enforce_eager,
-              "kv_cache_gb": t.kv_cache_gb, "num_cpus": t.num_cpus, "num_gpus": t.num_gpus}
-    return {"engine": engine, "stop": ["\n"]}
+    # every engine field of the translation config reaches the engine (none is copied by hand)
+    return {"engine": config.translation.engine_config().model_dump(mode="json"), "stop": ["\n"]}
 
 
 def _translate_engine(ds, config: SynthesizeConfig):
@@ -107,7 +105,9 @@ def build_llm_processor(config: SynthesizeConfig):
     on_gpu = t.num_gpus > 0
     proc_config = vLLMEngineProcessorConfig(
         model_source=resolve_model(t.model),
-        engine_kwargs={"max_model_len": t.max_model_len, "dtype": t.dtype, "enforce_eager": t.enforce_eager},
+        engine_kwargs={"max_model_len": t.max_model_len, "dtype": t.dtype, "enforce_eager": t.enforce_eager,
+                       "tensor_parallel_size": t.tensor_parallel_size, "gpu_memory_utilization": t.gpu_memory_utilization,
+                       "seed": t.seed, "max_logprobs": t.max_logprobs},
         batch_size=t.batch_size, concurrency=t.concurrency, runtime_env={"env_vars": env},
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
         **({} if on_gpu else {"accelerator_type": None, "placement_group_config": {"bundles": [{"CPU": t.num_cpus}]}}),
