@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 import tempfile
 import time
@@ -214,6 +215,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from workflows.train.config import TrainConfig
     from workflows.train.losses import build_loss
+    from workflows.train.losses.steps import begin_step
     from workflows.train.mixture import Schedule
 
     config = TrainConfig.model_validate(loop_config["config"])
@@ -239,7 +241,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(base, config.model.model_copy(update={"pooling": "keep"}) if checkpoint else config.model)
     model = prepare_model(model, parallel_strategy=None)
     broadcast_parameters(model, world)
+    # dropout differs per rank; Python's `random` is seeded alike on every rank so any library code
+    # drawing from it in lockstep agrees (the 2DMSE grid draws from its own (seed, step) generator)
     torch.manual_seed(config.seed * 1000 + rank + start_step_seed(state))
+    random.seed(config.seed * 1000 + start_step_seed(state))
     model.train()
     losses = [build_loss(item.objective, model) for item in config.datasets]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -275,6 +280,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     for step, (d, count) in zip(range(start, total_steps), schedule.plan(start, total_steps)):
         features, label = make_batch(model, config.datasets[d].objective, tables[d], schedule.rows(d, count, rank),
                                      device)
+        begin_step(losses[d], step=step, total_steps=total_steps, seed=config.seed)
         loss_value = losses[d](features, label)
         loss_value.backward()
         t_sync = time.perf_counter()

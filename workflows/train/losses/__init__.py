@@ -92,9 +92,15 @@ class Matryoshka2dConfig(StrictModel):
     prior_layers_weight: float = Field(1.0, ge=0, description="Weight of the mean loss over the sampled depths")
     kl_div_weight: float = Field(1.0, ge=0, description="Weight of KL(full-depth || shallow) self-distillation")
     kl_temperature: float = Field(0.3, ge=0, description="Temperature of that KL; 0 turns it off")
+    layer_weights: Literal["uniform", "ese"] = Field(
+        "uniform", description="uniform: mean over the sampled depths (2DMSE); ese: AnglE's Espresso, every depth "
+                               "each step weighted 1 / (1 + ln(1 + k)) (needs n_layers_per_step: -1)")
 
     @model_validator(mode="after")
     def _check(self) -> Matryoshka2dConfig:
+        if self.layer_weights == "ese" and 0 < self.n_layers_per_step < len(self.layers):
+            raise ValueError("matryoshka2d.layer_weights 'ese' trains every depth each step; "
+                             "set matryoshka2d.n_layers_per_step: -1")
         if self.dim_weights is not None and len(self.dim_weights) != len(self.dims):
             raise ValueError(f"matryoshka2d.dim_weights has {len(self.dim_weights)} entries but dims has "
                              f"{len(self.dims)}; give one weight per dim or leave it out")
@@ -115,6 +121,9 @@ class MNRLConfig(_Objective):
     num_negatives: int = Field(1, ge=0, le=64, description="Hard-negative columns per row (0: pairs only)")
     gather_across_workers: bool = Field(
         True, description="All-gather candidates from every worker, so negatives come from the global batch")
+    progressive: float = Field(
+        0.0, ge=0, le=20, description="PEG progressive learning strength: per-query weights move from easy to hard "
+                                      "queries over training (workflows.train.losses.peg); 0: plain MNRL")
 
 
 class CachedMNRLConfig(MNRLConfig):
@@ -122,6 +131,13 @@ class CachedMNRLConfig(MNRLConfig):
 
     kind: Literal["cached_mnrl"] = "cached_mnrl"  # type: ignore[assignment]
     mini_batch_size: int = Field(32, ge=1, description="Rows embedded per forward pass")
+
+    @model_validator(mode="after")
+    def _no_progressive(self) -> CachedMNRLConfig:
+        if self.progressive:
+            raise ValueError("cached_mnrl.progressive: PEG weighting is implemented for kind mnrl only; "
+                             "use kind: mnrl or set progressive: 0")
+        return self
 
 
 class CoSENTConfig(_Objective):
@@ -143,7 +159,19 @@ class KLDistillConfig(_Objective):
 
     kind: Literal["kl_distill"] = "kl_distill"
     num_candidates: int = Field(ge=2, le=256, description="Candidate columns candidate_1..candidate_k")
-    temperature: float = Field(0.05, gt=0, description="Student temperature T (the loss is scaled by T^2)")
+    temperature: float = Field(0.01, gt=0, description="Cosine temperature tau: scores are cos / tau "
+                                                       "(FlagEmbedding's cos_temperature; no T^2 factor)")
+    distill: Literal["kl", "stable", "none"] = Field(
+        "kl", description="kl: KL over each query's own candidates; stable: LLM-Embedder's rank-based "
+                          "distillation over the global candidate pool; none: contrastive term only")
+    student_temperature: float = Field(1.0, gt=0, description="kl: extra temperature on the student scores")
+    teacher_temperature: float = Field(1.0, gt=0, description="kl: temperature on the teacher scores")
+    distill_weight: float = Field(1.0, ge=0, description="Weight of the distillation term (with the contrastive)")
+    contrastive_weight: float = Field(
+        0.0, ge=0, description="Weight of InfoNCE with candidate_1 as the positive against every candidate of "
+                               "the global batch; 0: off")
+    gather_across_workers: bool = Field(
+        True, description="stable and contrastive: candidates of every worker join the pool (cross-worker negatives)")
     teacher_column: str = Field(TEACHER_PROBS, description="List column of k teacher values per row")
     teacher_format: Literal["probs", "logits"] = Field(
         "probs", description="probs: a distribution per row (e.g. softmax(r / T) of the reward stage); "
@@ -158,6 +186,16 @@ class ScoreDistillConfig(_Objective):
         "mse", description="mse: (cos_sim - teacher)^2 (CosineSimilarityLoss); cosent: rank pairs by teacher")
     scale: float = Field(20.0, gt=0, description="CoSENT similarity scale (ignored for mse)")
     teacher_column: str = Field(TEACHER_SCORE, description="Column with the teacher score")
+    alpha: float = Field(1.0, ge=0, le=1, description="DSE mix: (1 - alpha) * loss(gold) + alpha * loss(teacher); "
+                                                      "1: teacher only")
+    gold_column: str | None = Field(None, description="Column with the gold score (needed when alpha < 1)")
+
+    @model_validator(mode="after")
+    def _gold(self) -> ScoreDistillConfig:
+        if self.alpha < 1 and self.gold_column is None:
+            raise ValueError("score_distill.alpha < 1 mixes in the gold labels: set score_distill.gold_column "
+                             "(e.g. score)")
+        return self
 
 
 class MultilingualDistillConfig(_Objective):
@@ -230,7 +268,8 @@ def label_column(objective: Any) -> str | None:
 def required_columns(objective: Any) -> list[str]:
     """Every column a dataset needs for ``objective``: the inputs in order, then the label."""
     label = label_column(objective)
-    return input_columns(objective) + ([label] if label else [])
+    gold = [objective.gold_column] if objective.kind == "score_distill" and objective.alpha < 1 else []
+    return input_columns(objective) + ([label] if label else []) + gold
 
 
 def labels_from_batch(objective: Any, batch: Mapping[str, Sequence[Any]]) -> torch.Tensor | None:
@@ -247,6 +286,9 @@ def labels_from_batch(objective: Any, batch: Mapping[str, Sequence[Any]]) -> tor
     if objective.kind == "kl_distill" and arr.shape[1:] != (objective.num_candidates,):
         raise ValueError(f"column {col!r}: expected {objective.num_candidates} teacher values per row "
                          f"(one per candidate column), got shape {arr.shape}")
+    if objective.kind == "score_distill" and objective.alpha < 1:  # DSE: (B, 2) = [teacher, gold]
+        gold = np.asarray(list(batch[objective.gold_column]), dtype=np.float32)
+        arr = np.stack([arr, gold], axis=1)
     return torch.from_numpy(arr)
 
 

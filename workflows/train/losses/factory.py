@@ -15,6 +15,11 @@ def base_loss(objective: Any, st: Any) -> nn.Module:
     from sentence_transformers.sentence_transformer import losses as L
 
     kind = objective.kind
+    if kind == "mnrl" and objective.progressive > 0:
+        from workflows.train.losses.peg import ProgressiveMNRLLoss
+
+        return ProgressiveMNRLLoss(st, scale=objective.scale, strength=objective.progressive,
+                                   gather_across_workers=objective.gather_across_workers)
     if kind == "mnrl":
         return L.MultipleNegativesRankingLoss(st, scale=objective.scale,
                                               gather_across_devices=objective.gather_across_workers)
@@ -29,11 +34,19 @@ def base_loss(objective: Any, st: Any) -> nn.Module:
     if kind == "kl_distill":
         from workflows.train.losses.distill import TeacherKLDivLoss
 
-        return TeacherKLDivLoss(st, temperature=objective.temperature, teacher_format=objective.teacher_format)
+        return TeacherKLDivLoss(st, temperature=objective.temperature, teacher_format=objective.teacher_format,
+                                distill=objective.distill, student_temperature=objective.student_temperature,
+                                teacher_temperature=objective.teacher_temperature,
+                                distill_weight=objective.distill_weight,
+                                contrastive_weight=objective.contrastive_weight,
+                                gather_across_workers=objective.gather_across_workers)
     if kind == "score_distill":
-        if objective.loss == "mse":
-            return L.CosineSimilarityLoss(st)
-        return L.CoSENTLoss(st, scale=objective.scale)
+        base = L.CosineSimilarityLoss(st) if objective.loss == "mse" else L.CoSENTLoss(st, scale=objective.scale)
+        if objective.alpha < 1:
+            from workflows.train.losses.dse import MixedScoreDistillLoss
+
+            return MixedScoreDistillLoss(st, base, objective.alpha)
+        return base
     if kind == "multilingual_distill":
         from workflows.train.losses.multilingual import MultilingualDistillLoss
 
@@ -69,7 +82,7 @@ def build(objective: Any, model: nn.Module) -> nn.Module:
         kwargs = dict(dim_weights=grid.dim_weights, n_layers_per_step=grid.n_layers_per_step,
                       n_dims_per_step=grid.n_dims_per_step, last_layer_weight=grid.last_layer_weight,
                       prior_layers_weight=grid.prior_layers_weight, kl_div_weight=grid.kl_div_weight,
-                      kl_temperature=grid.kl_temperature)
+                      kl_temperature=grid.kl_temperature, layer_weights=grid.layer_weights)
         if objective.kind == "cached_mnrl":
             loss = CachedMatryoshka2dGridLoss(st, base_loss(_as_mnrl(objective), st), grid.layers, grid.dims,
                                               mini_batch_size=objective.mini_batch_size, **kwargs)

@@ -11,6 +11,19 @@ full-depth side of the KL is detached (it is the self-distillation teacher). Thi
 sentence-transformers' ``Matryoshka2dLoss`` (= ``AdaptiveLayerLoss`` around ``MatryoshkaLoss``)
 term for term; ``tests/test_losses.py`` checks equality with it when every layer is trained.
 
+Sampling is reproducible and identical on every rank: the depths (and dims, when sampled) of
+step ``s`` come from a generator seeded by ``(seed, s)`` (:func:`step_rng`), which the training
+loop sets before each step (:func:`workflows.train.losses.steps.begin_step`). sentence-transformers
+draws them from Python's global ``random``, which differs per process, so with gathered negatives
+each rank's embeddings would come from a different depth in the same step.
+
+``layer_weights="ese"`` (AnglE's Espresso Sentence Embeddings, Li et al. 2024, ``AngleESETrainer``
+in SeanLee97/AnglE) trains every configured depth each step and weights depth ``k`` (layers run,
+``0`` = the embedding output, the index AnglE uses into the hidden states) by
+``1 / (1 + ln(1 + k))`` inside the mean over depths. AnglE's PCA alignment term is not included
+(the KL self-distillation above takes its place), and the shallow depths train every dim of the
+grid instead of one compression size.
+
 Why hand-written: sentence-transformers implements depth by patching the Transformer module's
 ``forward`` during the loss call and rejects cached (GradCache) inner losses, whose second,
 gradient-carrying forward pass runs later, inside ``backward()``, after the patch is gone. Here
@@ -24,6 +37,7 @@ instead of "any layer".
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -72,6 +86,19 @@ def embed_depths(model: nn.Module, st: Any, features: dict[str, Tensor], depths:
     return torch.stack(embs, dim=1)
 
 
+def step_rng(seed: int, step: int) -> random.Random:
+    """The generator of step ``step``: a pure function of ``(seed, step)``, the same in every process.
+
+    ``random.Random`` seeded with a string hashes it with SHA-512 (independent of PYTHONHASHSEED).
+    """
+    return random.Random(f"2dmse:{int(seed)}:{int(step)}")
+
+
+def ese_weight(depth: int) -> float:
+    """AnglE ESE's weight of the layer at hidden-state index ``depth``: ``1 / (1 + ln(1 + depth))``."""
+    return 1.0 / (1.0 + math.log(1.0 + depth))
+
+
 def shrink(emb: Tensor, dim: int) -> Tensor:
     return F.normalize(emb[..., :dim], p=2, dim=-1)
 
@@ -96,6 +123,8 @@ class Matryoshka2dGridLoss(nn.Module):
         prior_layers_weight: float = 1.0,
         kl_div_weight: float = 1.0,
         kl_temperature: float = 0.3,
+        layer_weights: str = "uniform",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         from workflows.train.losses import unwrap_model
@@ -119,6 +148,19 @@ class Matryoshka2dGridLoss(nn.Module):
         self.prior_layers_weight = prior_layers_weight
         self.kl_div_weight = kl_div_weight
         self.kl_temperature = kl_temperature
+        if layer_weights not in ("uniform", "ese"):
+            raise ValueError(f"matryoshka2d.layer_weights must be 'uniform' or 'ese', got {layer_weights!r}")
+        if layer_weights == "ese" and 0 < n_layers_per_step < len(self.depths):
+            raise ValueError("matryoshka2d.layer_weights 'ese' trains every depth each step; "
+                             "set n_layers_per_step: -1")
+        self.layer_weights = layer_weights
+        self.seed = seed
+        self.step = 0
+
+    def begin_step(self, step: int, total_steps: int, seed: int) -> None:
+        """Set the step (and run seed) whose generator the next forward pass samples from."""
+        del total_steps
+        self.step, self.seed = int(step), int(seed)
 
     @property
     def st(self) -> Any:
@@ -126,11 +168,22 @@ class Matryoshka2dGridLoss(nn.Module):
 
         return unwrap_model(self.model)
 
-    def sample_depths(self) -> list[int]:
+    def sample(self) -> tuple[list[int], list[int]]:
+        """Depths and dim indices of the current step, from :func:`step_rng` (then the step advances,
+        so a loss used without the loop's ``begin_step`` still draws a new sample per call)."""
+        rng = step_rng(self.seed, self.step)
+        self.step += 1
         n = self.n_layers_per_step
-        if 0 < n < len(self.depths):
-            return sorted(random.sample(self.depths, n))
-        return list(self.depths)
+        depths = sorted(rng.sample(self.depths, n)) if 0 < n < len(self.depths) else list(self.depths)
+        dim_idx = list(range(len(self.dims)))
+        if 0 < self.n_dims_per_step < len(dim_idx):
+            dim_idx = sorted(rng.sample(dim_idx, self.n_dims_per_step))
+        return depths, dim_idx
+
+    def depth_weight(self, depth: int, n_depths: int) -> float:
+        """Weight of one sampled depth's terms: the mean over depths, times ESE's decay when set."""
+        w = self.prior_layers_weight / n_depths
+        return w * ese_weight(depth) if self.layer_weights == "ese" else w
 
     def _matryoshka(self, columns: list[Tensor], labels: Tensor | None, dim_idx: list[int]) -> Tensor:
         loss = 0.0
@@ -139,36 +192,38 @@ class Matryoshka2dGridLoss(nn.Module):
                 [shrink(c, self.dims[i]) for c in columns], labels)
         return loss
 
-    def grid_loss(self, embs: list[Tensor], labels: Tensor | None, depths: list[int]) -> Tensor:
+    def grid_loss(self, embs: list[Tensor], labels: Tensor | None, depths: list[int],
+                  dim_idx: list[int] | None = None) -> Tensor:
         """The 2DMSE loss from per-column ``(batch, 1 + len(depths), dim)`` embeddings."""
-        dim_idx = list(range(len(self.dims)))
-        if 0 < self.n_dims_per_step < len(dim_idx):
-            dim_idx = sorted(random.sample(dim_idx, self.n_dims_per_step))
+        dim_idx = list(range(len(self.dims))) if dim_idx is None else dim_idx
         loss = self.last_layer_weight * self._matryoshka([e[:, 0] for e in embs], labels, dim_idx)
         if not depths:
             return loss
         T = self.kl_temperature
         if T > 0:
             teacher = F.softmax(torch.cat([e[:, 0] for e in embs]) / T, dim=-1).detach()
-        for j in range(1, len(depths) + 1):
+        for j, depth in enumerate(depths, start=1):
             layer = [e[:, j] for e in embs]
-            loss = loss + self._matryoshka(layer, labels, dim_idx) * self.prior_layers_weight / len(depths)
+            # the KL keeps sentence-transformers' weighting (not divided by the number of depths);
+            # ESE scales it by the layer's decay like AnglE scales its alignment term
+            decay = ese_weight(depth) if self.layer_weights == "ese" else 1.0
+            loss = loss + self._matryoshka(layer, labels, dim_idx) * self.depth_weight(depth, len(depths))
             if T > 0:
                 kl = F.kl_div(F.log_softmax(torch.cat(layer) / T, dim=-1), teacher, reduction="batchmean")
-                loss = loss + kl * T * self.kl_div_weight
+                loss = loss + kl * T * self.kl_div_weight * decay
         return loss
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> Tensor:
-        depths = self.sample_depths()
+        depths, dim_idx = self.sample()
         embs = [embed_depths(self.model, self.st, f, depths) for f in sentence_features]
-        return self.grid_loss(embs, labels, depths)
+        return self.grid_loss(embs, labels, depths, dim_idx)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"base": type(self.base).__name__, "depths": self.depths, "dims": list(self.dims),
                 "dim_weights": list(self.dim_weights), "n_layers_per_step": self.n_layers_per_step,
                 "n_dims_per_step": self.n_dims_per_step, "last_layer_weight": self.last_layer_weight,
                 "prior_layers_weight": self.prior_layers_weight, "kl_div_weight": self.kl_div_weight,
-                "kl_temperature": self.kl_temperature}
+                "kl_temperature": self.kl_temperature, "layer_weights": self.layer_weights, "seed": self.seed}
 
 
 class CachedMatryoshka2dGridLoss(CachedLossMixin, Matryoshka2dGridLoss):
@@ -188,6 +243,7 @@ class CachedMatryoshka2dGridLoss(CachedLossMixin, Matryoshka2dGridLoss):
         self.mini_batch_size = mini_batch_size
         self.mini_batch_num_tokens = None
         self._depths: list[int] = []
+        self._dim_idx: list[int] = []
 
     def embed_minibatch(self, sentence_feature: dict[str, Tensor], begin: int, end: int, with_grad: bool,
                         copy_random_state: bool, random_state: RandContext | None = None,
@@ -203,7 +259,7 @@ class CachedMatryoshka2dGridLoss(CachedLossMixin, Matryoshka2dGridLoss):
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False) -> Tensor:
         embs = [torch.cat(column) for column in reps]
-        loss = self.grid_loss(embs, labels, self._depths)
+        loss = self.grid_loss(embs, labels, self._depths, self._dim_idx)
         if with_backward:
             loss.backward()
             loss = loss.detach()
@@ -211,7 +267,7 @@ class CachedMatryoshka2dGridLoss(CachedLossMixin, Matryoshka2dGridLoss):
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> Tensor:
         # The depths of this step are fixed before step (1); the replay in backward() reads them too.
-        self._depths = self.sample_depths()
+        self._depths, self._dim_idx = self.sample()
         return self.forward_cached(list(sentence_features), labels)
 
     def get_config_dict(self) -> dict[str, Any]:
