@@ -412,10 +412,14 @@ def test_end_to_end_s3_quarantine_and_resume(ray_local, s3, tmp_path):
     data = pl.from_arrow(storage.read_output(output, "data"))
     quarantine = pl.from_arrow(storage.read_output(output, "quarantine"))
     assert data.height + quarantine.height == 22
-    assert quarantine.filter(pl.col("reason").str.starts_with("malformed")).height == 2
-    rejected = quarantine.filter(~pl.col("reason").str.starts_with("malformed"))
-    codes = {Q.reason_code(p.split(": ", 1)[1]) for r in rejected["reason"] for p in r.split("; ") if ": " in p}
-    assert codes <= set(Q.REASONS)
+    # structured reasons: every quarantined row has at least one failure with a known code and column
+    assert quarantine.filter(R.has_code(Q.MALFORMED)).height == 2
+    failures = quarantine.select(pl.col("reasons").explode()).unnest("reasons")
+    assert quarantine["reasons"].list.len().min() >= 1
+    assert set(failures["code"]) <= set(Q.REASONS)
+    assert set(failures["column"]) <= {"sentence1", "sentence2", Q.ROW}
+    assert manifest["quarantine_codes"]["de"][Q.MALFORMED] == 2
+    assert sum(manifest["quarantine_codes"]["de"].values()) >= counts["quarantined"]
     assert storage.exists(manifest["report"]["plot"]) and storage.exists(manifest["report"]["summary"])
     if data.height:
         assert load_synthesized(output, "scored_pairs").columns[:5] == ["sentence1", "sentence2", "score", "lang1",
@@ -455,3 +459,61 @@ def test_ray_data_llm_backend(ray_local, tmp_path):
     result = run_synthesize(config)
     counts = result["manifest"]["counts"]["de"]
     assert counts["rows_in"] == 6 == counts["kept"] + counts["quarantined"]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+def test_killed_run_keeps_committed_shards_and_rerun_translates_only_the_rest(ray_local, tmp_path):
+    """A synthesize process killed (SIGKILL) after its first shard commit keeps that shard; the rerun
+    translates the other shards' sentences only, and every row ends up kept or quarantined once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from workflows.synthesize.pipeline import run_synthesize
+
+    n_shards, shard_rows = 6, 8
+    uri = _jsonl(tmp_path / "in.jsonl", _pairs(n_shards * shard_rows))  # every sentence distinct
+    output = tmp_path / "out"
+    config = _e2e_config(uri, str(output), translation={
+        "model": "smollm2-135m-instruct", "prompt_style": "chat", "max_model_len": 256, "batch_size": 8,
+        "max_tokens_floor": 8, "max_tokens_factor": 1.5}, max_bad_fraction=0.0)
+    cfg_file = tmp_path / "synthesize.yaml"
+    cfg_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    markers = output / "_shards"
+    with open(tmp_path / "run.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "jobs.synthesize", "--config", str(cfg_file)], cwd=REPO,
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 400
+            while not (markers.is_dir() and any(markers.glob("*.json"))):
+                assert proc.poll() is None, (tmp_path / "run.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no shard committed in 400 s"
+                time.sleep(0.05)
+            proc.kill()
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=60)
+    done_at_kill = {p.stem for p in markers.glob("*.json")}
+    assert 1 <= len(done_at_kill) < n_shards, "the run was not killed halfway"
+    assert not storage.is_committed(str(output))
+
+    result = run_synthesize(config)
+    manifest = result["manifest"]
+    assert set(result["shards_written"]).isdisjoint(done_at_kill)
+    assert set(result["shards_written"]) | done_at_kill == set(manifest["shards"]) and len(manifest["shards"]) == 6
+    # no row translated twice: the rerun translated exactly the sentences of the shards it wrote
+    assert manifest["unique_sentences_translated"] == 2 * shard_rows * len(result["shards_written"])
+    counts = manifest["counts"]["de"]
+    assert counts["rows_in"] == n_shards * shard_rows == counts["kept"] + counts["quarantined"]
+    data = pl.from_arrow(storage.read_output(str(output), "data"))
+    quarantine = pl.from_arrow(storage.read_output(str(output), "quarantine"))
+    ids = pl.concat([data.select("row_id"), quarantine.select("row_id")])["row_id"]
+    assert ids.len() == ids.n_unique() == n_shards * shard_rows

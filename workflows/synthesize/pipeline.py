@@ -211,6 +211,15 @@ def _code_counts(quarantine: pl.DataFrame) -> dict[str, int]:
     return {str(k): int(v) for k, v in codes.value_counts().iter_rows()}
 
 
+def _codes_by_lang(shards: dict[str, dict[str, Any]], langs: list[str]) -> dict[str, dict[str, int]]:
+    """Per language, quarantined rows per failure code, summed over the committed shards."""
+    out: dict[str, dict[str, int]] = {lang: {} for lang in langs}
+    for meta in shards.values():
+        for code, n in (meta.get("codes") or {}).items():
+            out[meta["lang"]][code] = out[meta["lang"]].get(code, 0) + int(n)
+    return out
+
+
 def _read_sub(prefix: str, shards: dict[str, dict[str, Any]], sub: str) -> pl.DataFrame:
     tables = [storage.read_parquet(storage.join(prefix, m["files"][sub]["file"])) for _, m in sorted(shards.items())]
     return pl.from_arrow(pa.concat_tables(tables, promote_options="default"))
@@ -315,7 +324,7 @@ def run_synthesize(config: SynthesizeConfig) -> dict[str, Any]:
         "kind": "synthesize", "config_hash": chash, "model": config.translation.model,
         "target_langs": config.target_langs, "inputs": [s.model_dump(mode="json") for s in config.inputs],
         "engine_dtype": sorted({m.get("engine_dtype") or "unknown" for m in committed.values()}),
-        "counts": counts, "unique_sentences_translated": n_unique, "generated_tokens": generated_tokens,
+        "counts": counts, "quarantine_codes": _codes_by_lang(committed, config.target_langs), "unique_sentences_translated": n_unique, "generated_tokens": generated_tokens,
         "shards_written_this_run": written, "timings": timings, "report": report["files"],
         "config": config.model_dump(mode="json"),
     })
