@@ -13,6 +13,10 @@
    sentences against the DeepL references for de, es, fr, and chrF of the QE-kept vs
    QE-rejected subsets (QE with the default thresholds and multilingual-e5-small cosine).
 
+4. QE table (``--only qe`` alone; ``benchmarks/synthesize_qe.py``): the old and the current QE
+   against DeepL references of ``stsb_multi_mt`` dev pairs (de, fr, es, zh): chrF of kept vs
+   quarantined translations and the share of kept ones with chrF < 30.
+
 Run: ``python -m benchmarks.synthesize --n-prompts 256 --hf-prompts 64 --chrf-n 100``;
 the dtype part alone: ``python -m benchmarks.synthesize --only dtypes --dtype-prompts 32``.
 """
@@ -204,7 +208,11 @@ def main(argv=None) -> None:
     parser.add_argument("--backends", default="engine", help="comma list of engine,ray_data_llm")
     parser.add_argument("--dtypes", default="bfloat16,float32,auto", help="engine dtypes compared (sentences/s)")
     parser.add_argument("--dtype-prompts", type=int, default=32, help="sentences translated per dtype")
-    parser.add_argument("--only", choices=["all", "dtypes"], default="all", help="run one part only")
+    parser.add_argument("--only", choices=["all", "dtypes", "qe"], default="all", help="run one part only")
+    parser.add_argument("--qe-pairs", type=int, default=50, help="QE table: stsb_multi_mt dev pairs per language")
+    parser.add_argument("--qe-langs", default="de,fr,es,zh", help="QE table: languages")
+    parser.add_argument("--qe-tune", action="store_true", help="QE table: also print the tuning half's distributions")
+    parser.add_argument("--qe-cache", default=None, help="QE table: JSON cache of the translations")
     parser.add_argument("--_one-dtype", dest="one_dtype", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one_dtype:
@@ -216,6 +224,11 @@ def main(argv=None) -> None:
     from workflows.synthesize.config import SynthesizeConfig
 
     model_path = resolve_model(args.model)
+    if args.only == "qe":  # the QE table alone (benchmarks/synthesize_qe.py)
+        from benchmarks.synthesize_qe import bench_qe
+
+        bench_qe(args.model, args.qe_pairs, args.qe_langs.split(","), args.qe_cache, args.qe_tune)
+        return
     if args.dtypes:
         bench_dtypes(model_path, args.dtypes.split(","), args.dtype_prompts)
     if args.only == "dtypes":
@@ -259,6 +272,9 @@ def main(argv=None) -> None:
     for lang, r in quality.items():
         print(f"  {lang}: chrF {r['chrf']:.1f}; QE kept {r['kept']} (chrF {r['chrf_kept']:.1f}), "
               f"rejected {r['rejected']} (chrF {r['chrf_rejected']:.1f}); e.g. {r['example'][1]!r}")
+    from benchmarks.synthesize_qe import bench_qe
+
+    bench_qe(args.model, args.qe_pairs, args.qe_langs.split(","), args.qe_cache, args.qe_tune)
 
 
 if __name__ == "__main__":
