@@ -35,7 +35,9 @@ def debate(config: DebateConfig) -> int:
 
 
 def main(argv=None) -> int:
-    return run_job(DebateConfig, debate, argv)
+    from workflows.pipeline.stages import check_api_keys
+
+    return run_job(DebateConfig, debate, argv, check=lambda c: check_api_keys(c.auth))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import sys
 
 from embedforge.config import run_job
 from workflows.evaluate.config import EvaluateConfig
+from workflows.pipeline.stages import EVALUATE
 
 EXIT_REJECTED = 3
 
@@ -21,9 +22,7 @@ def _fmt(v):
 
 
 def evaluate(config: EvaluateConfig) -> int:
-    from workflows.evaluate.run import run_evaluate
-
-    summary = run_evaluate(config)
+    summary = EVALUATE.run(config).result.model_dump()
     print(f"model {summary['model']} ({summary['split']} split)")
     for key, value in summary["metrics"].items():
         print(f"  {key:32s} {value:7.2f}")
@@ -48,7 +47,7 @@ def evaluate(config: EvaluateConfig) -> int:
 
 
 def main(argv=None) -> int:
-    return run_job(EvaluateConfig, evaluate, argv)
+    return run_job(EvaluateConfig, evaluate, argv, check=EVALUATE.check)
 
 
 if __name__ == "__main__":

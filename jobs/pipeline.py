@@ -35,43 +35,43 @@ def pipeline(config: PipelineConfig) -> int:
     lease = RunLease(config.output, config.lease_ttl_s, config.name) if config.lease_ttl_s else nullcontext()
     with lease:
         result = run_pipeline(config)
-    s = result["summaries"]
+    r = result["results"]
     print("\n=== embedforge pipeline:", config.name, "===")
     for stage, status in result["stages"].items():
         print(f"  {stage:12s} {status}")
-    if "synthesize" in s:
-        counts = s["synthesize"].get("manifest", {}).get("counts", {})
+    if "synthesize" in r:
+        counts = (r["synthesize"].manifest or {}).get("counts", {})
         if counts:
             print(f"synthesized: {counts}")
-        if s["synthesize"].get("report"):
-            print(f"synthesize report: {s['synthesize']['report']}")
+        if r["synthesize"].report:
+            print(f"synthesize report: {r['synthesize'].report}")
     for name in ("gate", "evaluate"):
-        if name in s:
-            ev = s[name]
-            base = storage.read_json(ev["report"]).get("baseline") or {}
-            print(f"\n{name} ({ev['split']} split): baseline {base.get('model', '-')} -> candidate {ev['model']}")
+        if name in r:
+            ev = r[name]
+            base = storage.read_json(ev.report).get("baseline") or {}
+            print(f"\n{name} ({ev.split} split): baseline {base.get('model', '-')} -> candidate {ev.model}")
             base_metrics = (base.get("metrics") or {})
-            for key, value in ev["metrics"].items():
+            for key, value in ev.metrics.items():
                 print(_row(key, value, base_metrics.get(key)))
-            for task, value in ev["tasks"].items():
+            for task, value in ev.tasks.items():
                 print(_row(f"task {task}", value, (base.get("tasks") or {}).get(task)))
-            print(f"  report: {ev['report']}")
-            for p in ev.get("plots", []):
+            print(f"  report: {ev.report}")
+            for p in ev.plots:
                 print(f"  plot:   {p}")
-    if "train" in s:
-        print(f"\nmodel: {s['train'].get('model')}")
-    gate = s.get("gate", {}).get("gate")
+    if "train" in r:
+        print(f"\nmodel: {r['train'].model}")
+    gate = r["gate"].gate if "gate" in r else None
     if gate:
-        print(f"gate: {gate['decision'].upper()}" + "".join(f"\n  - {r}" for r in gate["reasons"]))
-    if "deploy" in s:
-        d = s["deploy"]
+        print(f"gate: {gate['decision'].upper()}" + "".join(f"\n  - {x}" for x in gate["reasons"]))
+    if result["deploy"]:
+        d = result["deploy"]
         print(f"served at {d['embeddings']} ; sample: {d['sample']}")
     print(f"lineage: {result['lineage']}")
     return 0 if result["promote"] else config.reject_exit_code
 
 
 def main(argv=None) -> int:
-    return run_job(PipelineConfig, pipeline, argv)
+    return run_job(PipelineConfig, pipeline, argv, check=PipelineConfig.check, describe=PipelineConfig.describe)
 
 
 if __name__ == "__main__":

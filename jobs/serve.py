@@ -31,7 +31,9 @@ def _run(config: ServeConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_job(ServeConfig, _run, argv)
+    from workflows.pipeline.stages import DEPLOY
+
+    return run_job(ServeConfig, _run, argv, check=DEPLOY.check)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ from __future__ import annotations
 import sys
 
 from embedforge.config import run_job
+from workflows.pipeline.stages import SYNTHESIZE
 from workflows.synthesize.config import SynthesizeConfig
 
 
 def run(config: SynthesizeConfig) -> int:
-    from workflows.synthesize.pipeline import run_synthesize
-
-    result = run_synthesize(config)
+    result = SYNTHESIZE.run(config).result.model_dump()
     manifest = result["manifest"]
     print(f"synthesize: {config.translation.model} -> {', '.join(config.target_langs)}; output {result['output']}")
     for lang, c in manifest["counts"].items():
@@ -34,7 +33,7 @@ def run(config: SynthesizeConfig) -> int:
 
 
 def main(argv=None) -> int:
-    return run_job(SynthesizeConfig, run, argv)
+    return run_job(SynthesizeConfig, run, argv, check=SYNTHESIZE.check)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,114 @@ def test_bad_pipeline_config_exits_2_before_ray():
     assert proc.returncode == 2 and "train.train.lr = -1" in proc.stderr
 
 
+def test_references_must_name_a_field_of_the_stage_result():
+    train = {"datasets": [{"dataset": {"source": "stsb"}, "objective": {"kind": "cosent"}}], "train": {"max_steps": 1}}
+    with pytest.raises(ConfigError, match=r"reference \$\{train\.modle\}: the train stage's result has no field "
+                                          r"'modle' to reference; it has .*model"):
+        build_config(PipelineConfig, {"train": train, "evaluate": {"model": "${train.modle}"}})
+    with pytest.raises(ConfigError, match=r"\$\{gate\.metrics\}: the gate stage's result has no field 'metrics'"):
+        build_config(PipelineConfig, {"gate": {"model": "m", "baseline": {"model": "b"}, "gate": {}},
+                                      "evaluate": {"model": "${gate.metrics}"}})
+    build_config(PipelineConfig, {"train": train, "evaluate": {"model": "${train.model}"}})
+
+
+def _evaluate_only(tmp_path, **over):
+    section = {"model": "all-minilm-l6-v2", "split": "test", "embed": {"mode": "local", "cache_dir": None},
+               "tasks": [{"kind": "sts", "datasets": [{"source": "stsb", "limit": 20}]}], **over}
+    return build_config(PipelineConfig, {"output": str(tmp_path / "run"), "evaluate": section})
+
+
+def test_plan_keys_are_known_before_running_and_follow_upstream(tmp_path):
+    cfg = load_config(PipelineConfig, REPO / "configs" / "quickstart.yaml", [f"output={tmp_path}/q"])
+    plan = {p.section: p for p in cfg.plan()}
+    assert list(plan) == ["synthesize", "train", "gate", "evaluate"]  # deploy serves, it is not keyed
+    assert plan["train"].output == f"{tmp_path}/q/train/{plan['train'].key}"
+    assert all(len(p.key) == 12 for p in plan.values()) and "stsb[train]" in plan["synthesize"].inputs
+    assert {p.section: p.key for p in cfg.plan()} == {s: p.key for s, p in plan.items()}  # deterministic
+    # a change upstream changes every key downstream; a change downstream leaves upstream keys alone
+    up = {p.section: p.key for p in load_config(PipelineConfig, REPO / "configs" / "quickstart.yaml",
+                                                 [f"output={tmp_path}/q", "synthesize.qe.min_cosine=0.7"]).plan()}
+    assert all(up[s] != plan[s].key for s in plan)
+    down = {p.section: p.key for p in load_config(PipelineConfig, REPO / "configs" / "quickstart.yaml",
+                                                   [f"output={tmp_path}/q", "evaluate.split=dev"]).plan()}
+    assert down["evaluate"] != plan["evaluate"].key and down["train"] == plan["train"].key
+
+
+def test_dry_run_prints_every_resolved_stage_with_its_key(tmp_path, capsys):
+    import yaml
+
+    from jobs.pipeline import main
+
+    assert main(["--config", "configs/quickstart.yaml", "--set", f"output={tmp_path}/q", "--dry-run"]) == 0
+    header, _, body = capsys.readouterr().out.partition("\n")
+    assert header.startswith("# PipelineConfig (hash ")
+    printed = yaml.safe_load(body)
+    cfg = load_config(PipelineConfig, REPO / "configs" / "quickstart.yaml", [f"output={tmp_path}/q"])
+    assert printed["output"] == f"{tmp_path}/q" and printed["train"] == cfg.train  # the config itself
+    stages = printed["resolved_stages"]
+    assert list(stages) == ["synthesize", "train", "gate", "evaluate", "deploy"]
+    for p in cfg.plan():
+        assert (stages[p.section]["key"], stages[p.section]["output"]) == (p.key, p.output)
+        assert stages[p.section]["config"]["output"] == p.output
+    synth = stages["synthesize"]["output"]
+    assert stages["train"]["config"]["datasets"][0]["dataset"] == synth  # ${synthesize.output} resolved
+    assert stages["gate"]["config"]["model"] == "${train.model}"          # known once train has run
+    assert stages["synthesize"]["config"]["qe"]["min_cosine"] == 0.8      # every default resolved
+    assert stages["deploy"]["key"] is None and stages["deploy"]["config"]["models"] == {
+        "quickstart-minilm-de": "${train.model}"}
+
+
+def test_missing_api_keys_and_few_shot_data_exit_2_before_ray(monkeypatch, capsys):
+    import ray
+
+    from jobs.pipeline import main
+
+    monkeypatch.delenv("EMBEDFORGE_TEST_KEYS", raising=False)
+    assert main(["--config", "configs/quickstart.yaml", "--set", "deploy.auth.mode=api_keys",
+                 "--set", "deploy.auth.api_keys_env=EMBEDFORGE_TEST_KEYS"]) == 2
+    assert "deploy.auth: no API keys ($EMBEDFORGE_TEST_KEYS is unset)" in capsys.readouterr().err
+    assert main(["--config", "configs/quickstart.yaml", "--set", "synthesize.target_langs=[sw]"]) == 2
+    assert "synthesize.translation.few_shot: no built-in few-shot examples for 'sw'" in capsys.readouterr().err
+    assert not ray.is_initialized()
+
+
+def test_serve_and_debate_jobs_check_their_keys_before_ray(monkeypatch, capsys):
+    from jobs.debate import main as debate
+    from jobs.serve import main as serve
+
+    monkeypatch.setenv("EMBEDFORGE_TEST_KEYS", "")
+    assert serve(["--set", "auth.mode=api_keys", "--set", "auth.api_keys_env=EMBEDFORGE_TEST_KEYS"]) == 2
+    assert "$EMBEDFORGE_TEST_KEYS is empty" in capsys.readouterr().err
+    assert debate(["--config", "configs/debate.yaml", "--set", "auth.api_keys_env=EMBEDFORGE_TEST_KEYS"]) == 2
+    assert "auth: no API keys" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(600)
+def test_pipeline_runs_registered_stages_under_the_committed_run_rule(ray_local, minilm_path, tmp_path):
+    """A real (small) pipeline run, rerun and changed: skip on the same key, a new key on a change."""
+    from embedforge.committed import read_record
+    from workflows.pipeline.plan import REUSE, RUN, plan_pipeline
+    from workflows.pipeline.run import run_pipeline
+
+    cfg = _evaluate_only(tmp_path)
+    assert [p.action for p in plan_pipeline(cfg)] == [RUN]
+    first = run_pipeline(cfg)
+    assert first["stages"] == {"evaluate": "ran"}
+    result = first["results"]["evaluate"]
+    assert type(result).__name__ == "EvaluateResult" and 0 < result.metrics["sts/stsb:en"] <= 100
+    key = cfg.plan()[0].key
+    assert read_record(result.output)["status"] == "committed" and result.output.endswith(f"/evaluate/{key}")
+    assert [p.action for p in plan_pipeline(cfg)] == [REUSE]
+    second = run_pipeline(cfg)
+    assert second["stages"] == {"evaluate": "skipped (complete)"}
+    assert second["results"]["evaluate"].metrics == result.metrics
+    changed = _evaluate_only(tmp_path, tasks=[{"kind": "sts", "datasets": [{"source": "stsb", "limit": 25}]}])
+    third = run_pipeline(changed)
+    assert third["stages"] == {"evaluate": "ran"} and third["results"]["evaluate"].output != result.output
+    lineage = json.loads((tmp_path / "run" / "lineage" / "pipeline.json").read_text())
+    assert lineage["stages"]["evaluate"]["key"] == changed.plan()[0].key
+
+
 def test_mixture_kind_filter(tmp_path):
     from workflows.train.config import MixtureItem
     from workflows.train.mixture import load_item

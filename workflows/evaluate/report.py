@@ -174,4 +174,5 @@ def write_report(output: str, report: dict[str, Any]) -> dict[str, Any]:
     files = ["report.json", "report.md", *sorted(plots)]
     gate = report.get("gate") or {}
     return storage.commit(output, {"kind": "evaluation", "files": files, "model": report["model"],
-                                   "split": report["split"], "decision": gate.get("decision")})
+                                   "split": report["split"], "decision": gate.get("decision"),
+                                   "config_hash": report.get("config_hash")})

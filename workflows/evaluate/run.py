@@ -164,7 +164,7 @@ def run_evaluate(config: EvaluateConfig) -> dict[str, Any]:
         baseline = {k: v for k, v in baseline.items() if k not in ("baseline", "deltas", "gate")}
     report: dict[str, Any] = {"split": config.split, **candidate,
                               "main_metric_names": {it.key: it.main for it in items},
-                              "config": config.model_dump(mode="json")}
+                              "config": config.model_dump(mode="json"), "config_hash": config.content_hash()}
     if baseline is not None:
         report["baseline"] = {**baseline, "split": baseline.get("split", config.split)}
         report["deltas"] = deltas(candidate, baseline)

@@ -1,12 +1,16 @@
 """``run_pipeline(config)``: run the configured stages in order, skipping finished ones.
 
-Each stage's output lives at ``<output>/<stage>/<key>``, where ``key`` hashes the stage's
-resolved config (references to earlier stages replaced by their output URIs, so a change
-upstream changes every key downstream) and the data snapshot of the datasets it reads
-(:mod:`workflows.pipeline.snapshot`: new data under the same config gets a new key). A stage whose output is committed and whose summary
-record ``<output>/stages/<stage>-<key>.json`` exists is skipped; everything else runs. The
-lineage file ``<output>/lineage/<name>.json`` records, for each stage, its config, key,
-output, manifest, code version and timings: which data, config and code made each model.
+Each stage's output lives at ``<output>/<stage>/<key>`` (:meth:`PipelineConfig.plan`: the key
+hashes the stage's content hash with references replaced by the referenced stage's key, so a
+change upstream changes every key downstream, and the data snapshot of the datasets it reads,
+:mod:`workflows.pipeline.snapshot`: new data under the same config gets a new key). Every stage runs through :meth:`Stage.run`, the
+one committed-run rule (:mod:`embedforge.committed`): a stage committed by the same config is
+skipped and its recorded result reused; nothing stale is ever returned. The lineage file
+``<output>/lineage/<name>.json`` records, for each stage, its config, key, output, manifest, code
+version and timings: which data, config and code made each model.
+
+Before any cluster work every stage's checks run (:meth:`PipelineConfig.check`: API-key
+variables, few-shot data), so those errors exit with code 2 like a bad key.
 
 Deploy serves the new model when the gate promotes it (or when no gate is configured): the Serve
 app of the same name is updated in place (``serve.run``). On reject the served model stays the
@@ -16,8 +20,6 @@ one in production, the gate's baseline: every ``${train.model}`` in the deploy s
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import subprocess
 import time
@@ -27,8 +29,8 @@ from typing import Any
 from embedforge import storage
 from embedforge.errors import EmbedforgeError
 from embedforge.runtime import init_ray
-from workflows.pipeline.config import PipelineConfig
-from workflows.pipeline.snapshot import input_snapshot
+from workflows.pipeline.config import PipelineConfig, stage_key  # noqa: F401 (stage_key: part of this API)
+from workflows.pipeline.stages import DEPLOY
 
 log = logging.getLogger(__name__)
 
@@ -51,34 +53,6 @@ def code_version() -> dict[str, str]:
     return out
 
 
-def stage_key(stage: str, resolved: dict[str, Any], content_hash: str | None = None,
-              inputs: dict[str, str] | None = None) -> str:
-    """Key of a stage's output: its config without output/ray, or the stage's own content hash
-    (which also leaves out how many replicas produce the rows) when it defines one, plus the
-    fingerprints of the datasets it reads (:func:`workflows.pipeline.snapshot.input_snapshot`)."""
-    data = content_hash or {k: v for k, v in resolved.items() if k not in ("output", "ray")}
-    blob = json.dumps({"stage": stage, "config": data, "inputs": inputs or {}}, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def _run_stage(stage: str, config: Any) -> dict[str, Any]:
-    if stage == "synthesize":
-        from workflows.synthesize.pipeline import run_synthesize as fn
-    elif stage == "reward":
-        from workflows.reward.pipeline import run_reward as fn
-    elif stage == "train":
-        from workflows.train.run import run_train as fn
-    elif stage in ("gate", "evaluate"):
-        from workflows.evaluate.run import run_evaluate as fn
-    else:
-        raise KeyError(stage)
-    return fn(config)
-
-
-def _is_done(stage: str, record_uri: str, output: str) -> bool:
-    return storage.exists(record_uri) and storage.is_committed(output)
-
-
 def embed_sample(url: str, model: str, texts: list[str], api_key: str | None) -> dict[str, Any]:
     """Embed ``texts`` through the deployed OpenAI-compatible endpoint (real HTTP)."""
     from openai import OpenAI
@@ -92,10 +66,8 @@ def embed_sample(url: str, model: str, texts: list[str], api_key: str | None) ->
 def _deploy(config: PipelineConfig, lookup, root: str) -> dict[str, Any]:
     import os
 
-    from workflows.serve.run import run_serve
-
     serve_cfg = config.build_stage("deploy", lookup, output=storage.join(root, "deploy"))
-    summary = run_serve(serve_cfg)
+    summary = DEPLOY.run(serve_cfg).result.model_dump()
     key = None
     if serve_cfg.auth.mode != "disabled" and serve_cfg.auth.api_keys_env:
         key = (os.environ.get(serve_cfg.auth.api_keys_env) or "").split(",")[0] or None
@@ -104,67 +76,57 @@ def _deploy(config: PipelineConfig, lookup, root: str) -> dict[str, Any]:
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Run the plan; returns output, lineage URI, status per stage, results (typed) and the gate's verdict."""
     root = config.output
+    config.check()
+    plan = config.plan()
     init_ray(config.ray)
-    summaries: dict[str, dict[str, Any]] = {}
+    results: dict[str, Any] = {}
     lineage: dict[str, Any] = {"name": config.name, "code": code_version(), "started_at": time.time(), "stages": {}}
 
     def lookup(stage: str, key: str) -> Any:
-        if stage not in summaries:
+        if stage not in results:
             raise EmbedforgeError(f"${{{stage}.{key}}}: stage {stage!r} has not run")
-        value = summaries[stage].get(key)
+        value = getattr(results[stage], key, None)
         if value is None:
-            raise EmbedforgeError(f"${{{stage}.{key}}}: the {stage} summary has no {key!r} "
-                                  f"(it has {', '.join(sorted(summaries[stage]))})")
+            raise EmbedforgeError(f"${{{stage}.{key}}}: the {stage} result has no value for {key!r}")
         return value
 
-    for stage in config.sections():
-        if stage == "deploy":
-            continue
-        probe = config.build_stage(stage, lookup, output="/pending")
-        own_hash = probe.content_hash() if hasattr(probe, "content_hash") else None
-        inputs = input_snapshot(probe.model_dump(mode="json"), root)
-        key = stage_key(stage, probe.model_dump(mode="json"), own_hash, inputs)
-        output = storage.join(root, stage, key)
-        stage_config = config.build_stage(stage, lookup, output=output)
-        record_uri = storage.join(root, "stages", f"{stage}-{key}.json")
+    for p in plan:
+        stage_config = config.build_stage(p.section, lookup, output=p.output)
         start = time.time()
-        if _is_done(stage, record_uri, output):
-            summary = storage.read_json(record_uri)
-            status = "skipped (complete)"
-        else:
-            log.info("stage %s -> %s", stage, output)
-            summary = json.loads(json.dumps(_run_stage(stage, stage_config), default=str))
-            storage.write_json(record_uri, summary)
-            status = "ran"
-        summaries[stage] = summary
-        lineage["stages"][stage] = {
-            "status": status, "key": key, "output": output, "seconds": round(time.time() - start, 1),
-            "inputs": inputs,
+        log.info("stage %s -> %s", p.section, p.output)
+        done = p.stage.run(stage_config, name=p.section)
+        status = "skipped (complete)" if done.status == "skipped" else "ran"
+        results[p.section] = done.result
+        lineage["stages"][p.section] = {
+            "status": status, "stage": p.stage.name, "key": p.key, "content_hash": done.content_hash,
+            "output": p.output, "seconds": round(time.time() - start, 1), "inputs": p.inputs,
             "config": stage_config.model_dump(mode="json"),
-            "manifest": storage.read_manifest(output) if storage.is_committed(output) else None,
+            "manifest": storage.read_manifest(p.output) if storage.is_committed(p.output) else None,
         }
-        log.info("[pipeline] %s: %s in %ss -> %s", stage, status, lineage["stages"][stage]["seconds"], output)
+        log.info("[pipeline] %s: %s in %ss -> %s", p.section, status, lineage["stages"][p.section]["seconds"],
+                 p.output)
 
-    gate = summaries.get("gate", {}).get("gate")
+    gate = results["gate"].gate if "gate" in results else None
     promote = gate is None or gate.get("decision") == "promote"
     lineage["gate"] = gate
+    deployed = None
     if config.deploy is not None:
         baseline = ((config.gate or {}).get("baseline") or {}).get("model")
         if promote:
-            summaries["deploy"] = _deploy(config, lookup, root)
+            deployed = _deploy(config, lookup, root)
             status = "ran (new model)"
         elif baseline:
             def keep_baseline(stage: str, key: str) -> Any:
                 return baseline if (stage, key) == ("train", "model") else lookup(stage, key)
 
-            summaries["deploy"] = _deploy(config, keep_baseline, root)
+            deployed = _deploy(config, keep_baseline, root)
             status = f"ran (gate rejected: still serving {baseline})"
         else:
             status = "skipped (gate rejected)"
         lineage["stages"]["deploy"] = {"status": status, "reasons": (gate or {}).get("reasons"),
-                                       **({k: summaries["deploy"][k] for k in ("url", "sample")}
-                                          if "deploy" in summaries else {})}
+                                       **({k: deployed[k] for k in ("url", "sample")} if deployed else {})}
     lineage["finished_at"] = time.time()
     lineage_uri = storage.join(root, "lineage", f"{config.name}.json")
     storage.write_json(lineage_uri, lineage)
@@ -172,4 +134,4 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     started = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(lineage["started_at"]))
     storage.write_json(storage.join(root, "lineage", config.name, f"{started}.json"), lineage)
     return {"output": root, "lineage": lineage_uri, "stages": {s: v["status"] for s, v in lineage["stages"].items()},
-            "summaries": summaries, "promote": promote}
+            "results": results, "deploy": deployed, "promote": promote}
