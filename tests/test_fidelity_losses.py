@@ -349,3 +349,19 @@ def test_two_gloo_workers_seeded_2dmse_and_pooled_distillation(tiny_path, tmp_pa
     loss2, grads2 = r0["pooled"]
     assert loss2 == pytest.approx(value.item(), abs=1e-5)
     assert_grads_close(grads2, grads(st), "gathered vs full batch, stable distillation + contrastive")
+
+
+def test_feedback_rows_become_mnrl_rows_with_several_mined_negatives():
+    import pyarrow as pa
+
+    from workflows.train.hard_negatives import feedback_negatives
+
+    rows = pa.table({"qid": ["a"] * 4 + ["b"] * 2, "question": ["qa"] * 4 + ["qb"] * 2,
+                     "passage": ["gold", "n2", "n1", "n3", "gold b", "x"], "rank": [0, 2, 1, 3, 0, 1],
+                     "is_positive": [True, False, False, False, True, False]})
+    table, dropped = feedback_negatives(rows, 2)
+    assert table.to_pydict() == {"anchor": ["qa"], "positive": ["gold"], "negative_1": ["n1"], "negative_2": ["n2"]}
+    assert dropped == 1  # query b has one mined negative
+    objective = OBJ.validate_python({"kind": "mnrl", "num_negatives": 2})
+    assert table.column_names == required_columns(objective)
+    assert feedback_negatives(rows, 1)[0].column_names == ["anchor", "positive", "negative"]

@@ -30,6 +30,7 @@ import pyarrow as pa
 from embedforge import schemas as S
 from embedforge.errors import InputError
 from workflows.train.config import MixtureItem, TrainConfig
+from workflows.train.hard_negatives import FEEDBACK_NEGATIVE_COLUMNS, feedback_negatives
 from workflows.train.losses import required_columns
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,13 @@ def load_item(item: MixtureItem) -> tuple[pa.Table, dict[str, Any]]:
 
         table = table.filter(pc.equal(table.column("kind"), item.kind))
         info["kind"] = item.kind
+    if item.objective.kind in ("mnrl", "cached_mnrl") and item.objective.num_negatives > 0 \
+            and FEEDBACK_NEGATIVE_COLUMNS <= set(table.column_names) and "anchor" not in table.column_names:
+        table, dropped = feedback_negatives(table, item.objective.num_negatives)
+        info["pivot"] = {"queries": table.num_rows, "dropped_queries_too_few_negatives": dropped}
+        if dropped:
+            log.warning("dataset %s: %d queries have fewer than %d mined negatives and are not trained on",
+                        item.label, dropped, item.objective.num_negatives)
     if item.objective.kind == "kl_distill" and FEEDBACK_COLUMNS <= set(table.column_names) \
             and "query" not in table.column_names:
         table, dropped = pivot_feedback(table, item.objective.num_candidates)
