@@ -30,7 +30,8 @@ class HeadNode:
     _proc: subprocess.Popen | None = None
     _dir: str = ""
 
-    def start(self, num_cpus: int = 4, timeout_s: float = 300.0) -> "HeadNode":
+    def start(self, num_cpus: int = 4, timeout_s: float = 300.0, env: dict[str, str] | None = None) -> "HeadNode":
+        """Start the head; ``env`` is added to its environment (as a node's container env would be)."""
         gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = _free_ports(7)
         self._dir = tempfile.mkdtemp(prefix="ef-head-", dir="/tmp")
         ray = str(Path(sys.executable).parent / "ray")
@@ -42,8 +43,11 @@ class HeadNode:
             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
             "--include-dashboard=true", "--disable-usage-stats",
         ]
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        extra = env or {}
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **extra}
         env.pop("RAY_ADDRESS", None)
+        if "EMBEDFORGE_DATA" not in extra:
+            env.pop("EMBEDFORGE_DATA", None)  # a node has only what its own environment sets
         self._proc = subprocess.Popen(cmd, env=env, stdout=open(f"{self._dir}/head.log", "wb"),
                                       stderr=subprocess.STDOUT, start_new_session=True)
         self.dashboard_url = f"http://127.0.0.1:{dash}"
