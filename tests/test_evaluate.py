@@ -111,6 +111,48 @@ def test_sts_from_a_file_and_a_committed_prefix_equals_the_named_source(minilm_p
         build_items(_cfg(tmp_path, tasks=[{"kind": "sts", "datasets": [{"source": str(bad)}]}]).tasks, "test")
 
 
+def test_bitext_files_and_retrieval_collections_equal_the_named_sources(minilm_path, tmp_path):
+    """Tatoeba pairs as a bitext file and XQuAD as three collection files score like the named sources."""
+    import polars as pl
+
+    from embedforge.data import DatasetSpec, load_dataset
+    from workflows.evaluate.run import evaluate_model
+    from workflows.evaluate.tasks import build_items
+
+    def jsonl(name, df):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in df.to_dicts()))
+        return str(path)
+
+    tatoeba = load_dataset(DatasetSpec(source="tatoeba", split="test", lang="de", limit=25))
+    xquad = load_dataset(DatasetSpec(source="xquad", split="test", lang="en", lang2="en"))
+    contexts = list(dict.fromkeys(xquad["context"].to_list()))
+    doc_ids = {c: f"p{i}" for i, c in enumerate(contexts)}
+    rows = xquad.head(8)
+    files = {"queries": jsonl("q", rows.select("qid", pl.col("question").alias("text"))),
+             "corpus": jsonl("c", pl.DataFrame({"doc_id": list(doc_ids.values()), "text": contexts})),
+             "qrels": jsonl("r", pl.DataFrame({"qid": rows["qid"], "doc_id": [doc_ids[c] for c in rows["context"]],
+                                               "relevance": [1.0] * rows.height}))}
+    cfg = _cfg(tmp_path, model=minilm_path, tasks=[
+        {"kind": "bitext", "langs": ["de"], "limit": 25, "files": [{"source": jsonl("tatoeba_de", tatoeba)}]},
+        {"kind": "retrieval", "cranfield": False, "xquad_langs": ["en"], "limit": 8,
+         "collections": [{"name": "myxq", **files}]}])
+    items = build_items(cfg.tasks, cfg.split)
+    assert [it.key for it in items] == ["bitext/tatoeba:de", "bitext/tatoeba_de", "retrieval/xquad:en",
+                                        "retrieval/myxq"]
+    result = evaluate_model(minilm_path, items, cfg)
+    metrics, details = result["metrics"], result["details"]
+    assert metrics["bitext/tatoeba_de"] == metrics["bitext/tatoeba:de"] > 0
+    # same queries, corpus and judgements: the same ranking metrics (the main one differs by name only)
+    assert details["retrieval/myxq"]["mrr@10"] == details["retrieval/xquad:en"]["mrr@10"] > 0
+    assert details["retrieval/myxq"]["ndcg@10"] == details["retrieval/xquad:en"]["ndcg@10"]
+    with pytest.raises(ConfigError, match="must be distinct, not 'cranfield'"):
+        _cfg(tmp_path, tasks=[{"kind": "retrieval", "collections": [{"name": "cranfield", **files}]}])
+    # bitext files on dev are allowed (only Tatoeba is test-only)
+    dev = _cfg(tmp_path, split="dev", tasks=[{"kind": "bitext", "langs": [], "files": [{"source": files["qrels"]}]}])
+    assert dev.tasks[0].files[0].label == "r"
+
+
 def test_grid_cells_from_config_and_model():
     assert grid_cells(None, None, 6) == []
     cells = grid_cells(GridConfig(layers=[3, 6], dims=[128, 384]), None, 6)

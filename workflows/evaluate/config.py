@@ -55,8 +55,7 @@ class STSDataset(StrictModel):
             return self.source
         if self.name:
             return self.name
-        stem = self.source.rstrip("/").rsplit("/", 1)[-1].split(":")[-1]
-        return re.sub(r"\.(parquet|jsonl|json)$", "", stem) or "sts"
+        return _stem(self.source)
 
     @field_validator("source")
     @classmethod
@@ -93,12 +92,69 @@ class STSTask(StrictModel):
         return self
 
 
+def _uri_source(source: str, what: str) -> str:
+    if is_uri(source) or source.startswith(HUB_PREFIX) or "/" in source:
+        return source
+    raise ValueError(f"{what} {source!r}: use a dataset URI (.parquet/.jsonl path, file://, s3://, hf:org/name)")
+
+
+def _stem(uri: str) -> str:
+    stem = uri.rstrip("/").rsplit("/", 1)[-1].split(":")[-1]
+    return re.sub(r"\.(parquet|jsonl|json)$", "", stem) or "data"
+
+
+class BitextFile(StrictModel):
+    """A bitext file of your own with the canonical columns (src, tgt, src_lang, tgt_lang)."""
+
+    source: str = Field(description="Parquet/JSONL URI (local, file://, s3://) or hf:org/name, kind bitext")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*$",
+                             description="its name in the report; default: the file's stem")
+    limit: int | None = Field(None, gt=0, description="first N sentence pairs")
+
+    @field_validator("source")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return _uri_source(v, "source")
+
+    @property
+    def label(self) -> str:
+        return self.name or _stem(self.source)
+
+
 class BitextTask(StrictModel):
-    """Tatoeba bitext mining (X <-> English): accuracy x 100 in both directions (TranslationEvaluator)."""
+    """Bitext mining (X <-> English on Tatoeba, or your files): accuracy x 100 in both directions
+    (TranslationEvaluator)."""
 
     kind: Literal["bitext"] = "bitext"
-    langs: list[str] = Field(["de"], min_length=1, description="Tatoeba languages (ISO 639-1 or 639-3)")
-    limit: int | None = Field(None, gt=0, description="first N sentence pairs per language")
+    langs: list[str] = Field(["de"], description="Tatoeba languages (ISO 639-1 or 639-3); [] with only `files`")
+    files: list[BitextFile] = Field([], description="bitext files of your own (canonical bitext columns)")
+    limit: int | None = Field(None, gt=0, description="first N sentence pairs per Tatoeba language")
+
+    @model_validator(mode="after")
+    def _something(self) -> BitextTask:
+        if not self.langs and not self.files:
+            raise ValueError("bitext: set langs (Tatoeba) or files")
+        labels = [f.label for f in self.files]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"bitext.files: names {labels} repeat; give each file a distinct `name`")
+        return self
+
+
+class RetrievalCollection(StrictModel):
+    """A retrieval collection of your own: queries (qid, text), corpus (doc_id, text), qrels (qid, doc_id,
+    relevance), each a Parquet/JSONL URI; judgements with relevance >= min_relevance count as relevant."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="its name in the report")
+    queries: str = Field(description="URI of the queries (qid, text)")
+    corpus: str = Field(description="URI of the corpus (doc_id, text)")
+    qrels: str = Field(description="URI of the judgements (qid, doc_id, relevance)")
+    min_relevance: float = Field(1.0, description="smallest relevance that counts as relevant")
+    limit: int | None = Field(None, gt=0, description="first N queries (the corpus stays whole)")
+
+    @field_validator("queries", "corpus", "qrels")
+    @classmethod
+    def _uris(cls, v: str) -> str:
+        return _uri_source(v, "retrieval collection file")
 
 
 class RetrievalTask(StrictModel):
@@ -109,7 +165,17 @@ class RetrievalTask(StrictModel):
     xquad_langs: list[str] = Field(["en"], description="XQuAD monolingual: questions and paragraphs in each language")
     xquad_crosslingual: list[str] = Field(
         [], description="XQuAD cross-lingual: questions in each language, paragraphs in English")
+    collections: list[RetrievalCollection] = Field([], description="retrieval collections of your own (nDCG@10)")
     limit: int | None = Field(None, gt=0, description="first N queries per dataset (the corpus stays whole)")
+
+    @model_validator(mode="after")
+    def _names(self) -> RetrievalTask:
+        names = [c.name for c in self.collections]
+        taken = (["cranfield"] if self.cranfield else []) + [n for n in names if n.startswith("xquad")]
+        if len(set(names)) != len(names) or set(names) & set(taken):
+            raise ValueError(f"retrieval.collections: names {names} must be distinct, not 'cranfield' (with "
+                             "cranfield: true) and not start with 'xquad'")
+        return self
 
 
 Task = Annotated[STSTask | BitextTask | RetrievalTask, Field(discriminator="kind")]
@@ -210,9 +276,9 @@ class EvaluateConfig(StrictModel):
             self._check_gate(kinds)
         if self.split == "dev":
             for t in self.tasks:
-                if isinstance(t, BitextTask):
-                    raise ValueError("split dev: tatoeba has only a test split; remove the bitext task "
-                                     "or use split: test")
+                if isinstance(t, BitextTask) and t.langs:
+                    raise ValueError("split dev: tatoeba has only a test split; set bitext.langs: [] (keeping "
+                                     "your own files), remove the bitext task, or use split: test")
                 if isinstance(t, RetrievalTask) and t.cranfield:
                     raise ValueError("split dev: cranfield has only a test split; set cranfield: false "
                                      "or use split: test")

@@ -26,7 +26,7 @@ from embedforge import schemas as S
 from embedforge.data import DatasetSpec, load_dataset, relevant_docs
 from embedforge.elastic import truncate_dims
 from embedforge.errors import InputError
-from workflows.evaluate.config import BitextTask, RetrievalTask, STSDataset, STSTask
+from workflows.evaluate.config import BitextTask, RetrievalCollection, RetrievalTask, STSDataset, STSTask
 from workflows.evaluate.embed import EmbedRequest
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,28 @@ def bitext_items(task: BitextTask, split: str) -> list[EvalItem]:
         items.append(EvalItem(
             "bitext", name, {"text": _unique(src, tgt)}, {"text": SYMMETRIC}, "mean_accuracy",
             lambda m, ev=evaluator, n=name: _unprefix(ev(m), n), {"rows": df.height}))
+    for f in task.files:
+        name = f.label
+        df = _nonempty(load_dataset(DatasetSpec(source=f.source, split=split, kind="bitext", limit=f.limit)), name)
+        src, tgt = df[S.SRC].to_list(), df[S.TGT].to_list()
+        evaluator = TranslationEvaluator(src, tgt, name=name, write_csv=False)
+        items.append(EvalItem(
+            "bitext", name, {"text": _unique(src, tgt)}, {"text": SYMMETRIC}, "mean_accuracy",
+            lambda m, ev=evaluator, n=name: _unprefix(ev(m), n), {"rows": df.height, "source": f.source}))
     return items
+
+
+def collection_item(c: RetrievalCollection, split: str) -> EvalItem:
+    """A retrieval collection of your own (queries, corpus, qrels URIs with the canonical columns)."""
+    def read(uri: str, kind: str) -> pl.DataFrame:
+        return _nonempty(load_dataset(DatasetSpec(source=uri, split=split, kind=kind)), f"{c.name} {kind}")
+
+    queries, corpus, qrels = read(c.queries, "queries"), read(c.corpus, "corpus"), read(c.qrels, "qrels")
+    if c.limit:
+        queries = queries.head(c.limit)
+    return _ir_item(c.name, dict(queries.select(S.QID, S.TEXT).iter_rows()),
+                    dict(corpus.select(S.DOC_ID, S.TEXT).iter_rows()), relevant_docs(qrels, c.min_relevance),
+                    "ndcg@10")
 
 
 def _ir_item(name: str, queries: dict[str, str], corpus: dict[str, str], relevant: dict[str, set[str]],
@@ -245,6 +266,7 @@ def retrieval_items(task: RetrievalTask, split: str) -> list[EvalItem]:
     items = [cranfield_item(task.limit)] if task.cranfield else []
     items += [xquad_item(lang, lang, split, task.limit) for lang in task.xquad_langs]
     items += [xquad_item(lang, "en", split, task.limit) for lang in task.xquad_crosslingual]
+    items += [collection_item(c, split) for c in task.collections]
     return items
 
 
