@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from embedforge.committed import CommittedRun, OnConflict, committed_run
+from embedforge.committed import OnConflict, committed_run
 from embedforge.config import StrictModel
 from embedforge.errors import ConfigError
 
