@@ -1,24 +1,34 @@
 """Embeddings serving: this server vs Infinity vs in-process SentenceTransformer.encode.
 
-For the same model folder and the same sentences (STS-B dev, one sentence per request), measures
-sentences/s and client-side p50/p99 latency at several concurrencies against
+For the same model folder and the same sentences (STS-B dev), measures sentences/s and
+client-side p50/p99 latency at each concurrency (``--levels``) and request size
+(``--per-request`` sentences a request) against
 
-  (a) this server (Ray Serve app from workflows.serve, one model replica), in each ``--topologies``
-      (split: ingress -> model deployment; fused: one deployment), fused / split printed too,
+  (a) this server (the Ray Serve app of workflows.serve, one model replica), for each
+      ``--servers`` entry ``topology[+mode]``: topology ``fused`` (one deployment) or ``split``
+      (ingress -> model deployment); mode ``proxy`` (Ray Serve's Python HTTP proxy, the
+      default) or ``haproxy`` (Ray Serve's HAProxy front with direct ingress to the replicas,
+      ``serve.http_front: haproxy``). Each runs in a fresh process with a fresh Ray;
   (b) Infinity (`infinity_emb v2`, from a separate virtual environment: --infinity-bin),
   (c) SentenceTransformer.encode in this process (the throughput limit; no HTTP),
 
-run one after the other (never side by side), and prints ratios against (b) and (c), plus the
-speedup of ``layers`` = half depth over full depth (server and in-process).
+one after the other (never side by side), and prints ratios against (b) and (c). For (a) it
+also prints where the time goes, from the ``Server-Timing`` header of every answer (means, ms):
+``outside`` (client latency minus the time inside the app: HTTP, the Serve proxy or HAProxy,
+Serve's dispatch to the replica), ``hop`` (the app's call of the model minus the model's own
+time: the ingress -> model hop, ~0 when fused), ``app`` (validation and JSON), ``tokenize``,
+``queue`` (waiting for a forward pass: batching) and ``forward``.
 
-    flock /tmp/embedforge-heavy.lock .venv/bin/python benchmarks/serve_embeddings.py \\
-        --infinity-bin /tmp/infinity-venv/bin/infinity_emb
+    python3.11 -m venv /tmp/infinity-venv
+    /tmp/infinity-venv/bin/pip install "torch==2.13.0+cpu" "infinity-emb[server,torch]==0.0.78"
+    .venv/bin/python benchmarks/serve_embeddings.py --infinity-bin /tmp/infinity-venv/bin/infinity_emb
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -37,6 +47,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 KEY = "bench-key"
+PHASES = ("outside", "hop", "app", "tokenize", "queue", "forward")
 
 
 def free_port() -> int:
@@ -53,12 +64,29 @@ def sentences(n: int) -> list[str]:
     return uniq[:n]
 
 
-async def load_test(url: str, texts: list[str], concurrency: int, n_requests: int, model: str,
+def parse_server_timing(value: str | None) -> dict[str, float]:
+    out = {}
+    for part in (value or "").split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
+
+
+def phases_of(latency_ms: float, timing: dict[str, float]) -> dict[str, float]:
+    inner = timing.get("tokenize", 0) + timing.get("queue", 0) + timing.get("forward", 0)
+    return {"outside": latency_ms - timing["app"], "hop": max(0.0, timing["model"] - timing.get("replica", inner)),
+            "app": timing["app"] - timing["model"], "tokenize": timing.get("tokenize", 0),
+            "queue": timing.get("queue", 0), "forward": timing.get("forward", 0)}
+
+
+async def load_test(url: str, texts: list[str], concurrency: int, n_requests: int, per_request: int, model: str,
                     headers: dict[str, str], extra: dict | None = None) -> dict[str, float]:
-    """``n_requests`` single-sentence requests, ``concurrency`` at a time; client-side timings."""
+    """``n_requests`` requests of ``per_request`` sentences, ``concurrency`` at a time; client-side timings."""
     import httpx
 
     latencies: list[float] = []
+    phases: list[dict[str, float]] = []
     errors = 0
     queue = list(range(n_requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -67,35 +95,47 @@ async def load_test(url: str, texts: list[str], concurrency: int, n_requests: in
             nonlocal errors
             while queue:
                 i = queue.pop()
-                body = {"model": model, "input": [texts[i % len(texts)]], **(extra or {})}
+                batch = [texts[(i * per_request + j) % len(texts)] for j in range(per_request)]
+                body = {"model": model, "input": batch, **(extra or {})}
                 t0 = time.perf_counter()
                 r = await client.post(url, json=body, headers=headers)
-                latencies.append(time.perf_counter() - t0)
+                ms = (time.perf_counter() - t0) * 1000
+                latencies.append(ms)
                 if r.status_code != 200:
                     errors += 1
+                timing = parse_server_timing(r.headers.get("server-timing"))
+                if "app" in timing:
+                    phases.append(phases_of(ms, timing))
 
         # warm-up (not timed)
-        await client.post(url, json={"model": model, "input": texts[:4], **(extra or {})}, headers=headers)
+        await client.post(url, json={"model": model, "input": texts[:per_request], **(extra or {})}, headers=headers)
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    lat = np.array(latencies) * 1000
-    return {"sent_per_s": n_requests / wall, "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99)), "errors": errors}
-
-
-def run_levels(name: str, url: str, texts, levels, requests_per_level, model, headers, extra=None):
-    out = {}
-    for c in levels:
-        n = max(requests_per_level, 4 * c)
-        out[c] = asyncio.run(load_test(url, texts, c, n, model, headers, extra))
-        r = out[c]
-        print(f"  {name:<10} c={c:<3} {r['sent_per_s']:8.1f} sent/s  p50 {r['p50_ms']:7.1f} ms  "
-              f"p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}", flush=True)
+    lat = np.array(latencies)
+    out = {"sent_per_s": n_requests * per_request / wall, "p50_ms": float(np.percentile(lat, 50)),
+           "p99_ms": float(np.percentile(lat, 99)), "errors": errors}
+    if phases:
+        out["phases_ms"] = {p: float(np.mean([x[p] for x in phases])) for p in PHASES}
     return out
 
 
-def bench_in_process(model_path: str, texts: list[str], threads: int) -> dict[str, float]:
+def run_grid(name: str, url: str, texts, levels, sizes, requests_per_level, model, headers, extra=None) -> dict:
+    out = {}
+    for size in sizes:
+        for c in levels:
+            n = max(requests_per_level // size, 4 * c)
+            r = asyncio.run(load_test(url, texts, c, n, size, model, headers, extra))
+            out[f"{size}x{c}"] = r
+            line = (f"  {name:<14} {size:>2}/req c={c:<3} {r['sent_per_s']:8.1f} sent/s  p50 {r['p50_ms']:7.1f} ms  "
+                    f"p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}")
+            if "phases_ms" in r:
+                line += "  | " + " ".join(f"{p} {v:.1f}" for p, v in r["phases_ms"].items())
+            print(line, flush=True)
+    return out
+
+
+def bench_in_process(model_path: str, texts: list[str], threads: int) -> float:
     import torch
 
     from actors.embedder import Embedder, EmbedderConfig
@@ -103,46 +143,46 @@ def bench_in_process(model_path: str, texts: list[str], threads: int) -> dict[st
     torch.set_num_threads(threads)
     emb = Embedder(EmbedderConfig(model=model_path, torch_threads=threads, batch_size=32))
     emb.encode(texts[:32])
-    out = {}
-    for layers in (None, emb.num_layers // 2):
-        t0 = time.perf_counter()
-        emb.encode(texts, layers=layers)
-        out[layers or emb.num_layers] = len(texts) / (time.perf_counter() - t0)
-    out["half"] = emb.num_layers // 2
-    out["full"] = emb.num_layers
-    return out
+    t0 = time.perf_counter()
+    emb.encode(texts)
+    return len(texts) / (time.perf_counter() - t0)
 
 
-def bench_ours(model_path, texts, levels, n, threads, topology="split"):
+def serve_child(spec: dict) -> dict:
+    """In a fresh process: start Ray and Serve for one ``topology+mode``, run the grid, return results."""
     from ray import serve
 
     from embedforge.config import build_config
     from embedforge.runtime import RayConfig, init_ray
     from workflows.serve.app import build_app
     from workflows.serve.config import ServeConfig
-    from workflows.serve.run import wait_healthy
+    from workflows.serve.run import serve_environment, wait_healthy
 
-    os.environ["EMBEDFORGE_API_KEYS"] = KEY  # before Ray starts: replicas inherit it
-    init_ray(RayConfig(num_cpus=4, object_store_memory_mb=256, include_dashboard=False,
-                       temp_dir=tempfile.mkdtemp(prefix="ef-bench-", dir="/tmp")))
+    topology, _, mode = spec["server"].partition("+")
     port = free_port()
     cfg = build_config(ServeConfig, {
-        "models": {"minilm": model_path},
-        "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.005, "encode_batch_size": 64},
+        "models": {"minilm": spec["model_path"]},
+        "batching": {"max_batch_size": 64, "encode_batch_size": 64},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
-        "model_deployment": {"num_cpus": 1, "torch_threads": threads, "max_ongoing_requests": 128},
+        "ingress_autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        "model_deployment": {"num_cpus": 1, "torch_threads": spec["threads"]},
         "http": {"host": "127.0.0.1", "port": port},
         "topology": topology,
+        "serve": {"http_front": mode or "proxy"},
     })
+    os.environ["EMBEDFORGE_API_KEYS"] = KEY  # before Ray starts: replicas inherit it
+    os.environ.update(serve_environment(cfg))
+    init_ray(RayConfig(num_cpus=4, object_store_memory_mb=256, include_dashboard=False,
+                       temp_dir=tempfile.mkdtemp(prefix="ef-bench-", dir="/tmp")))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(cfg), name="bench", route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base, 300)
         url, headers = f"{base}/v1/embeddings", {"Authorization": f"Bearer {KEY}"}
-        res = run_levels(f"ours {topology}", url, texts, levels, n, "minilm", headers)
-        half = run_levels(f"{topology} L/2", url, texts, [16], n, "minilm", headers, {"layers": 3})
-        return res, half
+        texts = spec["texts"]
+        return run_grid(f"ours {spec['server']}", url, texts, spec["levels"], spec["sizes"], spec["requests"],
+                        "minilm", headers)
     finally:
         serve.shutdown()
         import ray
@@ -150,13 +190,26 @@ def bench_ours(model_path, texts, levels, n, threads, topology="split"):
         ray.shutdown()
 
 
-def bench_infinity(binary, model_path, texts, levels, n):
+def bench_ours(server: str, model_path: str, texts, levels, sizes, n, threads) -> dict:
+    spec = {"server": server, "model_path": model_path, "texts": texts, "levels": levels, "sizes": sizes,
+            "requests": n, "threads": threads}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    out = Path(f.name).with_suffix(".out.json")
+    proc = subprocess.run([sys.executable, __file__, "--serve-child", f.name, str(out)], timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"server {server} benchmark exited with {proc.returncode}")
+    return json.loads(out.read_text())
+
+
+def bench_infinity(binary, model_path, texts, levels, sizes, n, threads):
     port = free_port()
     log = open(Path(tempfile.gettempdir()) / "infinity-bench.log", "w")
     proc = subprocess.Popen([binary, "v2", "--model-id", model_path, "--served-model-name", "minilm",
                              "--host", "127.0.0.1", "--port", str(port), "--engine", "torch", "--device", "cpu",
                              "--batch-size", "64", "--url-prefix", "/v1", "--no-model-warmup"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)})
     try:
         import httpx
 
@@ -173,7 +226,7 @@ def bench_infinity(binary, model_path, texts, levels, n):
             time.sleep(1)
         else:
             raise RuntimeError(f"infinity not healthy after 300 s; see {log.name}")
-        return run_levels("infinity", f"http://127.0.0.1:{port}/v1/embeddings", texts, levels, n, "minilm", {})
+        return run_grid("infinity", f"http://127.0.0.1:{port}/v1/embeddings", texts, levels, sizes, n, "minilm", {})
     finally:
         proc.terminate()
         try:
@@ -186,57 +239,63 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="all-minilm-l6-v2", help="packaged name or model folder")
     p.add_argument("--sentences", type=int, default=1000, help="distinct sentences (in-process run uses all)")
-    p.add_argument("--requests", type=int, default=256, help="requests per concurrency level (at least 4 x c)")
-    p.add_argument("--levels", default="1,16,64", help="concurrency levels")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (in-process and model replica)")
+    p.add_argument("--requests", type=int, default=512, help="sentences per grid cell (at least 4 x c requests)")
+    p.add_argument("--levels", default="16,64", help="concurrency levels")
+    p.add_argument("--per-request", default="1,16", help="sentences per request")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (in-process, model replica, Infinity)")
     p.add_argument("--infinity-bin", default=shutil.which("infinity_emb"), help="infinity_emb executable")
-    p.add_argument("--topologies", default="split,fused", help="this server's topologies to measure, in order")
+    p.add_argument("--servers", default="fused,split,fused+haproxy",
+                   help="this server's topology[+mode] entries to measure, in order; the first is compared")
+    p.add_argument("--serve-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.serve_child:
+        spec = json.loads(Path(args.serve_child[0]).read_text())
+        Path(args.serve_child[1]).write_text(json.dumps(serve_child(spec)))
+        return 0
 
     from embedforge.models import resolve_model
 
     model_path = resolve_model(args.model)
     texts = sentences(args.sentences)
     levels = [int(x) for x in args.levels.split(",")]
-    print(f"model {model_path}, {len(texts)} sentences, one sentence per request, levels {levels}", flush=True)
+    sizes = [int(x) for x in args.per_request.split(",")]
+    print(f"model {model_path}, {len(texts)} sentences, {sizes} sentences per request, levels {levels}", flush=True)
 
-    inproc = bench_in_process(model_path, texts, args.threads)
-    print(f"  in-process full depth: {inproc[inproc['full']]:.1f} sent/s; "
-          f"layers={inproc['half']}: {inproc[inproc['half']]:.1f} sent/s", flush=True)
-    runs = {t: bench_ours(model_path, texts, levels, args.requests, args.threads, t)
-            for t in args.topologies.split(",")}
-    ours, ours_half = runs[next(iter(runs))]
+    limit = bench_in_process(model_path, texts, args.threads)
+    print(f"  in-process encode: {limit:.1f} sent/s", flush=True)
+    servers = args.servers.split(",")
+    runs, failed = {}, {}
+    for server in servers:
+        try:
+            runs[server] = bench_ours(server, model_path, texts, levels, sizes, args.requests, args.threads)
+        except Exception as e:  # noqa: BLE001 - report the reason and keep the other results
+            failed[server] = f"{type(e).__name__}: {e}"
     infinity, infinity_error = None, None
     if args.infinity_bin:
         try:
-            infinity = bench_infinity(args.infinity_bin, model_path, texts, levels, args.requests)
+            infinity = bench_infinity(args.infinity_bin, model_path, texts, levels, sizes, args.requests,
+                                      args.threads)
         except Exception as e:  # noqa: BLE001 - report the reason and keep the other results
             infinity_error = f"{type(e).__name__}: {e}"
     else:
         infinity_error = "infinity_emb not found (pass --infinity-bin)"
 
-    limit = inproc[inproc["full"]]
     print("\nsummary (sentences/s; ratios: ours / infinity, ours / in-process; p99 ours vs infinity)")
-    for c in levels:
-        o = ours[c]
-        line = f"  c={c:<3} ours {o['sent_per_s']:7.1f}  /in-process {o['sent_per_s'] / limit:5.2f}x"
-        if infinity:
-            i = infinity[c]
-            line += (f"  infinity {i['sent_per_s']:7.1f}  ours/infinity {o['sent_per_s'] / i['sent_per_s']:5.2f}x"
-                     f"  p99 {o['p99_ms']:.0f} vs {i['p99_ms']:.0f} ms")
-        print(line)
+    for server, res in runs.items():
+        for cell, o in res.items():
+            size, c = cell.split("x")
+            line = (f"  {server:<14} {size:>2}/req c={c:<3} ours {o['sent_per_s']:7.1f}  "
+                    f"/in-process {o['sent_per_s'] / limit:5.2f}x")
+            if infinity:
+                i = infinity[cell]
+                line += (f"  infinity {i['sent_per_s']:7.1f}  ours/infinity {o['sent_per_s'] / i['sent_per_s']:5.2f}x"
+                         f"  p99 {o['p99_ms']:.0f} vs {i['p99_ms']:.0f} ms")
+            print(line)
     if infinity_error:
         print(f"  infinity unavailable: {infinity_error}")
-    if {"split", "fused"} <= set(runs):
-        for c in levels:
-            s, f = runs["split"][0][c], runs["fused"][0][c]
-            print(f"  c={c:<3} fused {f['sent_per_s']:7.1f} vs split {s['sent_per_s']:7.1f}: "
-                  f"{f['sent_per_s'] / s['sent_per_s']:5.2f}x  /in-process {f['sent_per_s'] / limit:5.2f}x  "
-                  f"p99 {f['p99_ms']:.0f} vs {s['p99_ms']:.0f} ms")
-    print(f"  layers={inproc['half']} vs {inproc['full']}: server c=16 "
-          f"{ours_half[16]['sent_per_s'] / ours[16]['sent_per_s']:.2f}x" if 16 in ours else "",
-          f" in-process {inproc[inproc['half']] / limit:.2f}x")
-    return 0
+    for server, why in failed.items():
+        print(f"  {server} failed: {why}")
+    return 0 if runs else 1
 
 
 if __name__ == "__main__":

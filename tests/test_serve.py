@@ -211,6 +211,16 @@ def test_forward_queue_merges_work_queued_while_busy():
     with pytest.raises(ValueError, match="max_sentences"):
         ForwardQueue(run, max_sentences=0)
 
+    async def idle_wait():  # an idle queue with idle_wait_s gathers what arrives within it
+        q = ForwardQueue(run, max_sentences=8, idle_wait_s=0.05)
+        first = q.submit("a", ["x"])
+        await asyncio.sleep(0.01)
+        return await asyncio.gather(first, q.submit("a", ["yy"]))
+
+    calls.clear()
+    res = asyncio.run(idle_wait())
+    assert calls == [("a", ["x", "yy"])] and res[0].batch_size == 2
+
 
 def test_replica_auth_slots_are_per_app():
     from workflows.serve.auth import replica_auth, set_replica_auth

@@ -32,10 +32,12 @@ class LimitsConfig(StrictModel):
 
 
 class BatchingConfig(StrictModel):
-    """Dynamic batching in each model replica (``@serve.batch``), counted in sentences."""
+    """Dynamic batching in each model replica (workflows.serve.forward_queue), counted in sentences."""
 
     max_batch_size: int = Field(64, ge=1, le=4096, description="Most sentences in one forward batch")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="How long a partial batch waits for more")
+    batch_wait_timeout_s: float = Field(
+        0, ge=0, le=10, description="When work reaches an idle model, wait this long for more (0: start at once; "
+                                    "work arriving while a pass runs always joins the next pass)")
     encode_batch_size: int = Field(64, ge=1, le=4096, description="Sentences per torch forward pass inside a batch")
     max_models_per_replica: int = Field(3, ge=1, le=64,
                                         description="Models one replica keeps loaded (least recently used evicted)")
@@ -95,6 +97,12 @@ class ServeSection(StrictModel):
     app_name: str = Field("embeddings", description="Serve application name")
     blocking: bool = Field(True, description="Block until SIGINT/SIGTERM; false: start, print the URL and return")
     startup_timeout_s: float = Field(300, gt=0, description="Give up when the app is not healthy by then")
+    http_front: Literal["proxy", "haproxy"] = Field(
+        "proxy", description="What answers HTTP on http.port: 'proxy': Ray Serve's Python HTTP proxy (one per "
+                             "node); 'haproxy': Ray Serve's HAProxy front with direct ingress (replicas serve HTTP "
+                             "themselves, HAProxy balances onto them) and Serve's throughput-optimized settings. "
+                             "Ray Serve reads it from its environment when Ray starts: on a running cluster set "
+                             "workflows.serve.run.serve_environment() on the nodes")
 
 
 class ServeConfig(StrictModel):

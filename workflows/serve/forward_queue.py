@@ -47,11 +47,14 @@ class ForwardQueue:
     within a round, submissions with the same key (model, layers) run as one call.
     """
 
-    def __init__(self, run: Callable[[Hashable, list[str]], Awaitable[Any]], max_sentences: int):
+    def __init__(self, run: Callable[[Hashable, list[str]], Awaitable[Any]], max_sentences: int,
+                 idle_wait_s: float = 0.0):
+        """``idle_wait_s``: when work arrives at an idle queue, wait this long for more (unless full)."""
         if max_sentences < 1:
             raise ValueError(f"max_sentences must be >= 1, got {max_sentences}")
         self._run = run
         self.max_sentences = max_sentences
+        self.idle_wait_s = idle_wait_s
         self._pending: deque[_Job] = deque()
         self._worker: asyncio.Task | None = None
 
@@ -79,6 +82,8 @@ class ForwardQueue:
         return jobs
 
     async def _drain(self) -> None:
+        if self.idle_wait_s > 0 and self.queued < self.max_sentences:
+            await asyncio.sleep(self.idle_wait_s)
         while self._pending:
             jobs = self._next_round()
             total = sum(len(j.texts) for j in jobs)

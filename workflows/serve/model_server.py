@@ -9,12 +9,14 @@
 * Admission: a request that would take the replica's queued sentences past
   ``limits.max_queued_sentences`` is answered 503 with ``Retry-After`` at once, so a flood
   queues a bounded amount of work (memory: sentences x max tokens) and the rest is told to retry.
-* Dynamic batching (``@serve.batch``, sized in sentences): requests are split into chunks of at
-  most ``max_batch_size`` sentences and gathered for ``batch_wait_timeout_s``; each gathered batch
-  goes to the replica's :class:`~workflows.serve.forward_queue.ForwardQueue`, which runs one
-  forward pass at a time and merges everything that queued meanwhile into the next one, grouped
-  by (model, layers) -- the two things that change the forward pass. ``dimensions`` is a cheap
-  slice after the pass, so requests with different dimensions share one forward batch.
+* Dynamic batching, sized in sentences: requests are split into chunks of at most
+  ``max_batch_size`` sentences and go to the replica's
+  :class:`~workflows.serve.forward_queue.ForwardQueue`, which runs one forward pass at a time and
+  merges everything that queued meanwhile into the next one, grouped by (model, layers) -- the
+  two things that change the forward pass (TEI's and Infinity's policy). ``dimensions`` is a
+  cheap slice after the pass, so requests with different dimensions share one forward batch.
+  Not ``@serve.batch``: in front of the queue it only delayed each batch by its timeout (the
+  queue already gathers what arrives while the model is busy).
 * Timings: each answer carries its phases (tokenize, queue, forward) and the metrics go to
   ``ray.util.metrics`` (cluster-wide through Ray's metrics agents, see :mod:`.metrics`).
 """
@@ -40,10 +42,6 @@ log = logging.getLogger(__name__)
 
 def _chunks(rows: list, size: int) -> list[list]:
     return [rows[i:i + size] for i in range(0, len(rows), size)]
-
-
-def _sentences(items: list[tuple]) -> int:
-    return sum(len(item[1]) for item in items)
 
 
 def model_info(name: str, embedder: Any, max_tokens: int, long_inputs: str = "reject") -> dict[str, Any]:
@@ -78,9 +76,8 @@ def make_model_server(config: ServeConfig) -> type:
             # Forward passes run in this one thread (the Embedder sets torch's per-thread count in it:
             # a fresh thread would otherwise compute on OMP_NUM_THREADS, 1 in Ray workers).
             self._encoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
-            self._batched.set_max_batch_size(self.config.batching.max_batch_size)
-            self._batched.set_batch_wait_timeout_s(self.config.batching.batch_wait_timeout_s)
-            self._forward = ForwardQueue(self._encode, self.config.batching.max_batch_size)
+            self._forward = ForwardQueue(self._encode, self.config.batching.max_batch_size,
+                                         self.config.batching.batch_wait_timeout_s)
             self._admitted = 0  # sentences admitted and not yet answered
             from workflows.serve.metrics import ModelMetrics
 
@@ -136,6 +133,7 @@ def make_model_server(config: ServeConfig) -> type:
             """
             from workflows.serve.tokens import to_token_ids
 
+            began = time.monotonic()
             model_id = model_id or serve.get_multiplexed_model_id()
             embedder = await self.get_model(model_id)
             check_range("dimensions", dimensions, 1, embedder.dimension, f"model {model_id!r}")
@@ -146,11 +144,9 @@ def make_model_server(config: ServeConfig) -> type:
                                    self.config.limits.long_inputs, len(embedder.counting_tokenizer),
                                    embedder.serve_prompt, model_id)
                 enqueued = time.monotonic()
-                # _batched answers with pending futures (see there); each resolves after its forward pass.
-                pending = await asyncio.gather(*(
-                    self._batched((model_id, chunk, layers))
+                parts = await asyncio.gather(*(
+                    self._forward.submit((model_id, layers), chunk)
                     for chunk in _chunks(tok.ids, self.config.batching.max_batch_size)))
-                parts = await asyncio.gather(*pending)
             finally:
                 self._admitted -= len(inputs)
             emb = np.concatenate([p.embeddings for p in parts])
@@ -167,18 +163,9 @@ def make_model_server(config: ServeConfig) -> type:
                 "dimensions": int(emb.shape[1]),
                 "layers": int(layers or embedder.num_layers),
                 "batch_sizes": [p.batch_size for p in parts],
-                "timings": {"tokenize": tok.seconds, "queue": queue_s, "forward": forward_s},
+                "timings": {"replica": time.monotonic() - began, "tokenize": tok.seconds, "queue": queue_s,
+                            "forward": forward_s},
             }
-
-        @serve.batch(max_batch_size=batching.max_batch_size, batch_wait_timeout_s=batching.batch_wait_timeout_s,
-                     batch_size_fn=_sentences)
-        async def _batched(self, items: list[tuple]) -> list[asyncio.Future]:
-            """Hand the gathered batch to the forward queue and answer with its pending results at once.
-
-            Returning futures (not results) lets ``@serve.batch`` gather the next batch while this
-            one waits for or runs its forward pass; the forward queue merges them.
-            """
-            return [self._forward.submit((model_id, layers), rows) for model_id, rows, layers in items]
 
         async def _encode(self, key: tuple[str, int | None], rows: list[list[int]]) -> np.ndarray:
             from workflows.serve.tokens import forward_ids

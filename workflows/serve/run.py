@@ -11,6 +11,7 @@ cluster: until ``serve shutdown``).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -19,6 +20,15 @@ from workflows.serve.config import ServeConfig
 from workflows.serve.endpoint import endpoint_url, wait_healthy
 
 log = logging.getLogger(__name__)
+
+
+def serve_environment(config: ServeConfig) -> dict[str, str]:
+    """Environment Ray Serve reads when Ray starts, for ``serve.http_front`` (empty for the default proxy)."""
+    if config.serve.http_front == "haproxy":
+        # RAY_SERVE_THROUGHPUT_OPTIMIZED: user code on the replica's main loop, buffered access logs,
+        # gRPC between replicas, direct ingress; RAY_SERVE_ENABLE_HA_PROXY: HAProxy in front of it.
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    return {}
 
 
 def deploy(config: ServeConfig) -> str:
@@ -42,6 +52,7 @@ def run_serve(config: ServeConfig) -> dict[str, Any]:
     from embedforge import storage
     from embedforge.runtime import init_ray
 
+    os.environ.update(serve_environment(config))  # before Ray starts here (a local Ray inherits it)
     init_ray(config.ray)
     url = deploy(config)
     summary: dict[str, Any] = {
