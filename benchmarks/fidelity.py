@@ -290,13 +290,14 @@ def main() -> None:
     parser.add_argument("--teachers", nargs="*", default=[], help="reward outputs with sts_eval (DSE row)")
     parser.add_argument("--candidates", type=int, default=4, help="kl_distill candidates per query")
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--dev-limit", type=int, help="STS-B dev pairs for the 2DMSE row (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    seeds, steps, dev_limit = (args.seeds[:1], min(args.steps, 30), 300) if args.quick else (args.seeds, args.steps,
-                                                                                            None)
+    seeds, steps, dev_limit = ((args.seeds[:1], min(args.steps, 30), 300) if args.quick
+                               else (args.seeds, args.steps, args.dev_limit))
     rows: list[dict] = []
     t0 = time.perf_counter()
     if "2dmse" in args.only:
