@@ -38,7 +38,7 @@ STSB = {"dataset": {"source": "stsb", "split": "train", "limit": 32}, "objective
 @pytest.mark.parametrize("path", sorted(REPO.glob("configs/train*.yaml")), ids=lambda p: p.name)
 def test_example_configs_validate(path):
     config = load_config(TrainConfig, path)
-    assert config.datasets and config.output
+    assert config.items() and config.output
 
 
 def test_test_split_is_refused_for_training_and_dev():
@@ -172,6 +172,64 @@ def test_proportional_schedule_follows_weights_and_is_deterministic():
     picks = [s.dataset_at(i) for i in range(2000)]
     assert picks == [s.dataset_at(i) for i in range(2000)]
     assert 0.70 < picks.count(0) / 2000 < 0.80
+
+
+NLI = {"dataset": {"source": "sick", "split": "train", "kind": "nli_triplets", "limit": 32},
+       "objective": {"kind": "mnrl"}}
+
+
+def _phased(tmp, base: str, **over) -> TrainConfig:
+    each = {"log_every_n_steps": 1}
+    phases = [{"name": "nli", "datasets": [NLI], "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-4, **each}},
+              {"name": "sts", "datasets": [STSB], "train": {"max_steps": 3, "batch_size": 2, "lr": 2e-5, **each}}]
+    data = {"model": {"base": base}, "phases": phases,
+            "dev": {"dataset": {"source": "stsb", "split": "dev", "limit": 16}, "batch_size": 16},
+            "checkpoint": {"every_n_steps": 100, "keep_best_k": 3}, "failure": {"max_failures": 1},
+            "output": str(tmp), "run_name": "p", **over}
+    return build_config(TrainConfig, data)
+
+
+def test_phases_config_is_one_form_or_the_other():
+    config = _phased("/tmp/x", "m")
+    assert [p.name for p in config.phase_list()] == ["nli", "sts"]
+    assert config.item_labels() == ["nli/sick:train", "sts/stsb:train"]
+    plain = _config("/tmp/x", "m", [STSB])
+    assert [p.name for p in plain.phase_list()] == ["train"] and plain.item_labels() == ["stsb:train"]
+    with pytest.raises(ConfigError, match="remove the top-level `datasets` and `train`"):
+        _phased("/tmp/x", "m", datasets=[STSB])
+    with pytest.raises(ConfigError, match="datasets and train: required"):
+        build_config(TrainConfig, {"output": "/tmp/x"})
+    with pytest.raises(ConfigError, match=r"phases: names \['a', 'a'\] repeat"):
+        _phased("/tmp/x", "m", phases=[{"name": "a", "datasets": [STSB], "train": {"max_steps": 1}}] * 2)
+    bad = {**STSB, "dataset": {"source": "stsb", "split": "test"}}
+    with pytest.raises(ConfigError, match=r"phases\[1\].datasets\[0\].*test splits"):
+        _phased("/tmp/x", "m", phases=[{"name": "a", "datasets": [STSB], "train": {"max_steps": 1}},
+                                       {"name": "b", "datasets": [bad], "train": {"max_steps": 1}}])
+    with pytest.raises(ConfigError, match="phases.0.train.max_steps"):
+        _phased("/tmp/x", "m", phases=[{"name": "a", "datasets": [STSB], "train": {"max_steps": 0}}])
+
+
+def test_phased_schedule_runs_phases_in_order_with_their_own_batches():
+    from workflows.train.mixture import schedule_for
+
+    config = _phased("/tmp/x", "m", phases=[
+        {"name": "a", "datasets": [NLI, {**STSB, "name": "s"}], "train": {"epochs": 1, "batch_size": 4,
+                                                                         "mixture": "round_robin"}},
+        {"name": "b", "datasets": [STSB], "train": {"max_steps": 3, "batch_size": 2}}])
+    s = schedule_for(config, [40, 24, 30])  # world 2: phase a has a global batch of 8: 5 + 3 batches an epoch
+    assert s.steps == (8, 3) and s.starts == (0, 8) and s.total == 11
+    plan = s.plan(0, 11)
+    assert [d for d, _ in plan] == [0, 1] * 4 + [2, 2, 2]
+    assert [s.phase_at(i) for i in (0, 7, 8, 10)] == [0, 0, 1, 1]
+    assert s.phase_end(8) and s.phase_end(11) and not s.phase_end(9)
+    assert s.global_batch_at(0) == 8 and s.global_batch_at(8) == 4
+    assert len(s.rows(2, 0, 1)) == 2 and len(s.rows(0, 0, 1)) == 4
+    assert s.plan(7, 11) == plan[7:]  # resuming mid-run plans exactly the rest
+    with pytest.raises(ValueError, match="different global batches"):
+        _ = s.global_batch
+    # one phase is the unphased schedule of before
+    one = schedule_for(_config("/tmp/x", "m", [STSB]), [32])
+    assert one.plan(0, 4) == one.phases[0].plan(0, 4) and one.global_batch == 8
 
 
 def test_flat_gradients_hold_the_autograd_gradients_in_one_buffer():
@@ -405,6 +463,31 @@ def test_multilingual_distillation_mixed_with_cosent_on_two_workers(ray_local, t
     np.testing.assert_allclose(np.asarray(table.column("teacher_embedding").to_pylist()[:4]), expected, atol=1e-5)
     card = (Path(summary["model"]) / "README.md").read_text()
     assert "de-parallel" in card and "multilingual_distill" in card
+
+
+@pytest.mark.timeout(600)
+def test_phases_run_in_order_restart_the_optimizer_and_resume_across_the_boundary(ray_local, tmp_path,
+                                                                                 tiny_model_path):  # noqa: F811
+    """NLI (MNRL) for 2 steps, then STS (CoSENT) for 3 on 2 workers; rank 1 dies once at step 3, just after
+    the checkpoint that ends phase 1, and the run resumes into phase 2 with a fresh optimizer."""
+    from workflows.train.run import run_train
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    summary = run_train(_phased(tmp_path / "run", tiny_model_path),
+                        step_callback=_step_logger(logs, fail_rank=1, fail_step=3))
+    assert (logs / "failed-once").exists() and _steps(logs, 0) == [1, 2, 3, 3, 4, 5]
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    by_step = {h["step"]: h for h in history}
+    assert [by_step[i]["dataset"] for i in range(1, 6)] == ["nli/sick:train"] * 2 + ["sts/stsb:train"] * 3
+    assert "dev_spearman" in by_step[2] and "dev_spearman" in by_step[5]  # each phase ends scored
+    # each phase decays its own peak lr linearly over its own steps (no warmup at this length)
+    assert by_step[1]["lr"] == pytest.approx(1e-4 / 2) and by_step[2]["lr"] == 0.0
+    assert by_step[3]["lr"] == pytest.approx(2e-5 * 2 / 3) and by_step[5]["lr"] == 0.0
+    assert summary["manifest"]["phases"] == [
+        {"name": "nli", "first_step": 1, "last_step": 2, "datasets": ["nli/sick:train"]},
+        {"name": "sts", "first_step": 3, "last_step": 5, "datasets": ["sts/stsb:train"]}]
+    assert np.isfinite(summary["final_train_loss"])
 
 
 @pytest.mark.slow

@@ -12,6 +12,18 @@ evenly across the Ray Train workers. Example (``configs/train.yaml``)::
     train: {batch_size: 16, max_steps: 50, lr: 2.0e-5}
     scaling: {num_workers: 2}
     output: runs/train-minilm
+
+Phases instead of one mixture (``configs/train_phases.yaml``): the phases run one after the other
+in the same run, each with its own mixture, steps and optimizer (a fresh AdamW and warmup, as two
+consecutive ``fit`` calls would have), e.g. NLI first, then STS::
+
+    phases:
+      - name: nli
+        datasets: [{dataset: {source: sick, split: train, kind: nli_triplets}, objective: {kind: mnrl}}]
+        train: {batch_size: 16, epochs: 1}
+      - name: sts
+        datasets: [{dataset: {source: stsb, split: train}, objective: {kind: cosent}}]
+        train: {batch_size: 16, epochs: 4}
 """
 
 from __future__ import annotations
@@ -82,6 +94,21 @@ class OptimConfig(StrictModel):
         return self
 
 
+class PhaseConfig(StrictModel):
+    """One phase of a phased run: its own mixture, length and optimizer."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="Phase name (logs, history, model card)")
+    datasets: list[MixtureItem] = Field(min_length=1, description="This phase's training mixture")
+    train: OptimConfig = Field(description="This phase's steps, batch and optimizer (a fresh AdamW and warmup)")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PhaseConfig:
+        labels = [item.label for item in self.datasets]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"phase {self.name}: dataset names {labels} repeat; give each item a distinct `name`")
+        return self
+
+
 class ScalingConfig(StrictModel):
     """Ray Train workers."""
 
@@ -121,8 +148,12 @@ class TrainConfig(StrictModel):
     """Fine-tune a sentence embedder on Ray Train over a mixture of datasets and objectives."""
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model and pooling")
-    datasets: list[MixtureItem] = Field(min_length=1, description="The training mixture")
-    train: OptimConfig = Field(description="Steps, batch and optimizer")
+    datasets: list[MixtureItem] | None = Field(
+        None, min_length=1, description="The training mixture (or set `phases`)")
+    train: OptimConfig | None = Field(None, description="Steps, batch and optimizer (with `datasets`)")
+    phases: list[PhaseConfig] | None = Field(
+        None, min_length=1, description="Phases run one after the other, each with its own datasets and train "
+                                        "settings; instead of top-level `datasets` and `train`")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers")
     dev: DevConfig = Field(default_factory=DevConfig, description="Dev set that scores checkpoints")
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing")
@@ -137,16 +168,44 @@ class TrainConfig(StrictModel):
     def _check(self) -> TrainConfig:
         from embedforge.data import is_test_split
 
-        for i, item in enumerate(self.datasets):
-            if isinstance(item.dataset, DatasetSpec) and is_test_split(item.dataset):
-                raise ValueError(f"datasets[{i}] ({item.label}): test splits are for final evaluation only; "
-                                 "train on train or dev splits")
+        if self.phases is None:
+            if self.datasets is None or self.train is None:
+                missing = " and ".join(k for k in ("datasets", "train") if getattr(self, k) is None)
+                raise ValueError(f"{missing}: required (or give `phases`, each with its own datasets and train)")
+        elif self.datasets is not None or self.train is not None:
+            raise ValueError("phases: each phase has its own datasets and train; remove the top-level "
+                             "`datasets` and `train`")
+        names = [phase.name for phase in self.phase_list()]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phases: names {names} repeat; give each phase a distinct `name`")
+        where = "datasets" if self.phases is None else "phases[{p}].datasets"
+        for p, phase in enumerate(self.phase_list()):
+            for i, item in enumerate(phase.datasets):
+                if isinstance(item.dataset, DatasetSpec) and is_test_split(item.dataset):
+                    raise ValueError(f"{where.format(p=p)}[{i}] ({item.label}): test splits are for final "
+                                     "evaluation only; train on train or dev splits")
         if self.dev.dataset is not None and is_test_split(self.dev.dataset):
             raise ValueError("dev.dataset: checkpoints are selected on it, so it must not be a test split; use dev")
-        labels = [item.label for item in self.datasets]
+        labels = [item.label for item in self.datasets or []]
         if len(set(labels)) != len(labels):
             raise ValueError(f"datasets: names {labels} repeat; give each item a distinct `name`")
         if self.dev.dataset is None and self.checkpoint.metric.startswith("dev_"):
             raise ValueError("checkpoint.metric ranks by a dev metric but dev.dataset is None; "
                              "set dev.dataset or checkpoint.metric=train_loss with mode=min")
         return self
+
+    def phase_list(self) -> list[PhaseConfig]:
+        """The phases to run: ``phases``, or one phase named ``train`` made of ``datasets`` and ``train``."""
+        if self.phases is not None:
+            return list(self.phases)
+        return [PhaseConfig(name="train", datasets=self.datasets, train=self.train)]
+
+    def items(self) -> list[MixtureItem]:
+        """Every phase's mixture items, in order (the loop indexes datasets by position in this list)."""
+        return [item for phase in self.phase_list() for item in phase.datasets]
+
+    def item_labels(self) -> list[str]:
+        """Names of ``items()``: the item's label, prefixed ``<phase>/`` in a phased run."""
+        if self.phases is None:
+            return [item.label for item in self.datasets]
+        return [f"{phase.name}/{item.label}" for phase in self.phases for item in phase.datasets]

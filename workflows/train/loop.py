@@ -13,7 +13,8 @@ after the step's backward passes is correct for all of them and moves the same b
 Per step: the schedule (``workflows.train.mixture``) names the dataset and rows; the text
 columns are preprocessed with the model's own ``preprocess``; the dataset's
 sentence-transformers loss runs; gradients are averaged, clipped, and AdamW steps with a linear
-warmup/decay schedule. Every ``every_n_steps`` and at the end, rank 0 scores the dev set
+warmup/decay schedule. In a phased run each phase starts a fresh AdamW and schedule over its own
+steps (and ends with a dev score and a checkpoint). Every ``every_n_steps`` and at the end, rank 0 scores the dev set
 (broadcast to all ranks; also once before the first step), saves a checkpoint (a
 ``SentenceTransformer.save`` folder under ``model/`` plus ``state.pt``) and attaches it to
 ``ray.train.report``; every rank reports.
@@ -195,13 +196,26 @@ def broadcast_float(value: float | None, world_size: int, device=None) -> float 
     return None if t.isnan().item() else float(t.item())
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list[dict]) -> None:
+def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history: list[dict],
+                    phase: int = 0) -> None:
     import torch
 
     model.save(str(path / MODEL_DIR))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "history": history}, path / STATE_FILE)
+                "history": history, "phase": phase}, path / STATE_FILE)
     (path / HISTORY_FILE).write_text(json.dumps(history))
+
+
+def build_optimizer(params: list, optim, steps: int) -> tuple[Any, Any]:
+    """AdamW and its linear warmup/decay over ``steps`` (one phase) from an ``OptimConfig``.
+
+    Fused AdamW: one kernel over all parameters (CPU and CUDA), as the transformers Trainer's default.
+    """
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, fused=True)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(optim.warmup_ratio * steps), steps)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -211,12 +225,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import torch
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
-    from transformers import get_linear_schedule_with_warmup
 
     from workflows.train.config import TrainConfig
     from workflows.train.losses import build_loss
     from workflows.train.losses.steps import begin_step
-    from workflows.train.mixture import Schedule
+    from workflows.train.mixture import PhasedSchedule
 
     config = TrainConfig.model_validate(loop_config["config"])
     rank, world = _world()
@@ -224,7 +237,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed)
     tables = [ray.get(ref, timeout=600) for ref in loop_config["tables"]]
     dev = ray.get(loop_config["dev"], timeout=600) if loop_config.get("dev") is not None else None
-    schedule: Schedule = loop_config["schedule"]
+    schedule: PhasedSchedule = loop_config["schedule"]
     total_steps: int = loop_config["total_steps"]
     step_callback: Callable[[int, int], None] | None = loop_config.get("step_callback")
 
@@ -246,23 +259,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed * 1000 + rank + start_step_seed(state))
     random.seed(config.seed * 1000 + start_step_seed(state))
     model.train()
-    losses = [build_loss(item.objective, model) for item in config.datasets]
+    items, phases = config.items(), config.phase_list()
+    losses = [build_loss(item.objective, model) for item in items]
     params = [p for p in model.parameters() if p.requires_grad]
     for loss in losses:
         params += [p for p in loss.parameters() if p.requires_grad and all(p is not q for q in params)]
-    # fused AdamW: one kernel over all parameters (CPU and CUDA), as the transformers Trainer's default
-    optimizer = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay, fused=True)
+    phase = schedule.phase_at(int(state["step"]))
+    optim = phases[phase].train
+    optimizer, scheduler = build_optimizer(params, optim, schedule.steps[phase])
     grads = FlatGradients(params, row_sparse=row_sparse_parameters(model))
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.train.warmup_ratio * total_steps), total_steps)
-    if checkpoint is not None:
+    # a checkpoint from the end of the previous phase resumes into a fresh optimizer, as the phase change would
+    if checkpoint is not None and state.get("phase", 0) == phase:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+    if checkpoint is not None:
         shutil.rmtree(tmp_restore, ignore_errors=True)
         if rank == 0:
             log.info("resumed from step %d", state["step"])
     history: list[dict] = list(state["history"])
     start = int(state["step"])
-    labels = [item.label for item in config.datasets]
+    labels = config.item_labels()
     every = config.checkpoint.every_n_steps
 
     def dev_score() -> float | None:
@@ -278,16 +294,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     window_loss, window_n, window_sync, window_t = 0.0, 0, 0.0, time.perf_counter()
 
     for step, (d, count) in zip(range(start, total_steps), schedule.plan(start, total_steps)):
-        features, label = make_batch(model, config.datasets[d].objective, tables[d], schedule.rows(d, count, rank),
-                                     device)
+        if schedule.phase_at(step) != phase:  # the next phase: its own optimizer, warmup and decay
+            phase = schedule.phase_at(step)
+            optim = phases[phase].train
+            optimizer, scheduler = build_optimizer(params, optim, schedule.steps[phase])
+            if rank == 0:
+                log.info("phase %s: steps %d-%d", phases[phase].name, step + 1, step + schedule.steps[phase])
+        features, label = make_batch(model, items[d].objective, tables[d], schedule.rows(d, count, rank), device)
         begin_step(losses[d], step=step, total_steps=total_steps, seed=config.seed)
         loss_value = losses[d](features, label)
         loss_value.backward()
         t_sync = time.perf_counter()
         grads.average(world)
         window_sync += time.perf_counter() - t_sync
-        if config.train.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
+        if optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
         optimizer.step()
         scheduler.step()
         grads.zero()
@@ -296,12 +317,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         done = step + 1
         if step_callback is not None:
             step_callback(done, rank)
-        at_ckpt = done % every == 0 or done == total_steps
-        if not at_ckpt and done % config.train.log_every_n_steps:
+        at_ckpt = done % every == 0 or done == total_steps or schedule.phase_end(done)
+        if not at_ckpt and done % optim.log_every_n_steps:
             continue
         elapsed = time.perf_counter() - window_t
         metrics = {"step": done, "train_loss": window_loss / window_n, "lr": scheduler.get_last_lr()[0],
-                   "dataset": labels[d], "samples_per_s": window_n * schedule.global_batch / max(elapsed, 1e-9),
+                   "dataset": labels[d], "samples_per_s": window_n * schedule.global_batch_at(step) / max(elapsed, 1e-9),
                    "sync_share": window_sync / max(elapsed, 1e-9)}
         window_loss, window_n, window_sync = 0.0, 0, 0.0
         if not at_ckpt:
@@ -321,7 +342,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             log.info("step %d/%d loss %.4f dev_spearman %s: checkpoint", done, total_steps, metrics["train_loss"],
                      "n/a" if score is None else f"{score:.4f}")
             with tempfile.TemporaryDirectory(prefix="ef-ckpt-") as tmp:
-                save_checkpoint(Path(tmp), model, optimizer, scheduler, done, history)
+                save_checkpoint(Path(tmp), model, optimizer, scheduler, done, history, phase=phase)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         else:
             ray.train.report(metrics)

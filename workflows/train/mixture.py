@@ -142,17 +142,20 @@ def load_mixture(config: TrainConfig) -> list[LoadedDataset]:
     A ``multilingual_distill`` item's rows become its distinct (source, translation) pairs plus the
     teacher's embedding of each source: embedded on Ray Data (Ray must be up) unless stored already.
     """
-    global_batch = config.train.batch_size * config.scaling.num_workers
     out = []
-    for item in config.datasets:
-        table, manifest = load_item(item)
-        if item.objective.kind == "multilingual_distill":
-            table, manifest["distill"] = distill_rows(item, table, config)
-        columns = list(required_columns(item.objective))
-        check_item(item.label, table, columns, item.objective.kind, global_batch)
-        out.append(LoadedDataset(item.label, table.select(columns).combine_chunks(), columns, manifest))
-        log.info("dataset %s: %d rows, columns %s, objective %s", item.label, table.num_rows, columns,
-                 item.objective.kind)
+    labels = iter(config.item_labels())
+    for phase in config.phase_list():
+        global_batch = phase.train.batch_size * config.scaling.num_workers
+        for item in phase.datasets:
+            label = next(labels)
+            table, manifest = load_item(item)
+            if item.objective.kind == "multilingual_distill":
+                table, manifest["distill"] = distill_rows(item, table, config)
+            columns = list(required_columns(item.objective))
+            check_item(label, table, columns, item.objective.kind, global_batch)
+            out.append(LoadedDataset(label, table.select(columns).combine_chunks(), columns, manifest))
+            log.info("dataset %s: %d rows, columns %s, objective %s", label, table.num_rows, columns,
+                     item.objective.kind)
     return out
 
 
@@ -221,6 +224,77 @@ class Schedule:
         return perm[start:start + self.batch_size]
 
 
-def schedule_for(config: TrainConfig, sizes: list[int]) -> Schedule:
-    return Schedule(tuple(sizes), tuple(i.weight for i in config.datasets), config.train.mixture,
-                    config.train.batch_size, config.scaling.num_workers, config.seed)
+@dataclass(frozen=True)
+class PhasedSchedule:
+    """Phases one after the other, each a :class:`Schedule` over its own datasets.
+
+    Dataset indices are global (positions in ``TrainConfig.items()``); phase ``p`` owns
+    ``[offsets[p], offsets[p] + len(phase datasets))`` and steps ``[starts[p], starts[p] + steps[p])``.
+    Phase ``p`` draws its rows with seed ``seed + p`` (phase 0 exactly as an unphased run).
+    A run without ``phases`` is one phase.
+    """
+
+    phases: tuple[Schedule, ...]
+    steps: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        return tuple(sum(self.steps[:p]) for p in range(len(self.steps)))
+
+    @property
+    def total(self) -> int:
+        return sum(self.steps)
+
+    @property
+    def world_size(self) -> int:
+        return self.phases[0].world_size
+
+    @property
+    def global_batch(self) -> int:
+        """The global batch (of the only phase, or shared by all; see :meth:`global_batch_at`)."""
+        batches = {s.global_batch for s in self.phases}
+        if len(batches) > 1:
+            raise ValueError(f"phases use different global batches {sorted(batches)}; use global_batch_at(step)")
+        return batches.pop()
+
+    def phase_at(self, step: int) -> int:
+        """The phase that runs step ``step`` (0-based; the last phase for steps past the end)."""
+        for p, start in enumerate(self.starts):
+            if step < start + self.steps[p]:
+                return p
+        return len(self.steps) - 1
+
+    def phase_end(self, done: int) -> bool:
+        """Whether ``done`` finished steps end a phase."""
+        return done in {start + n for start, n in zip(self.starts, self.steps)}
+
+    def global_batch_at(self, step: int) -> int:
+        return self.phases[self.phase_at(step)].global_batch
+
+    def plan(self, first_step: int, last_step: int) -> list[tuple[int, int]]:
+        """``(global dataset, batch count of that dataset)`` for steps ``[first_step, last_step)``."""
+        out = []
+        for p, (schedule, start, n) in enumerate(zip(self.phases, self.starts, self.steps)):
+            lo, hi = max(first_step, start), min(last_step, start + n)
+            if lo < hi:
+                out += [(self.offsets[p] + d, c) for d, c in schedule.plan(lo - start, hi - start)]
+        return out
+
+    def rows(self, d: int, count: int, rank: int) -> np.ndarray:
+        p = max(q for q, offset in enumerate(self.offsets) if offset <= d)
+        return self.phases[p].rows(d - self.offsets[p], count, rank)
+
+
+def schedule_for(config: TrainConfig, sizes: list[int]) -> PhasedSchedule:
+    """The run's schedule; ``sizes``: rows per dataset of ``config.items()``, in order."""
+    phases, steps, offsets, offset = [], [], [], 0
+    for p, phase in enumerate(config.phase_list()):
+        n = len(phase.datasets)
+        schedule = Schedule(tuple(sizes[offset:offset + n]), tuple(i.weight for i in phase.datasets),
+                            phase.train.mixture, phase.train.batch_size, config.scaling.num_workers, config.seed + p)
+        phases.append(schedule)
+        steps.append(schedule.total_steps(phase.train.max_steps, phase.train.epochs))
+        offsets.append(offset)
+        offset += n
+    return PhasedSchedule(tuple(phases), tuple(steps), tuple(offsets))

@@ -62,7 +62,7 @@ def build_trainer(config: TrainConfig, step_callback: Callable[[int, int], None]
     mixture = load_mixture(config)
     dev = load_dev(config)
     schedule = schedule_for(config, [d.rows for d in mixture])
-    total_steps = schedule.total_steps(config.train.max_steps, config.train.epochs)
+    total_steps = schedule.total
     base_model = resolve_model(config.model.base)
     sc = config.scaling
     check_resources(sc.num_workers * sc.cpus_per_worker, sc.num_workers if sc.use_gpu else 0, "training workers",
@@ -112,6 +112,14 @@ def _dev_only(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k.startswith("dev_")}
 
 
+def phase_summary(config: TrainConfig, schedule) -> list[dict[str, Any]]:
+    """Each phase's name, step range and datasets (one phase named ``train`` without ``phases``)."""
+    labels = iter(config.item_labels())
+    return [{"name": phase.name, "first_step": start + 1, "last_step": start + steps,
+             "datasets": [next(labels) for _ in phase.datasets]}
+            for phase, start, steps in zip(config.phase_list(), schedule.starts, schedule.steps)]
+
+
 def run_train(config: TrainConfig, step_callback: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Train ``config``; return a JSON-able summary with the model URI, metrics and the manifest."""
     from ray.train import TrainingFailedError
@@ -143,13 +151,13 @@ def run_train(config: TrainConfig, step_callback: Callable[[int, int], None] | N
         "run_name": config.run_name, "base_model": config.model.base, "num_workers": config.scaling.num_workers,
         "steps": facts["total_steps"], "checkpoint": chosen.path, "export": ck.export,
         "checkpoint_step": chosen_metrics.get("step"), "dev_metrics": dev_metrics, "base_dev_metrics": base_dev,
-        "config": config.model_dump(mode="json"),
+        "config": config.model_dump(mode="json"), "phases": phase_summary(config, facts["schedule"]),
         "datasets": [{"label": d.label, "rows": d.rows, "objective": item.objective.model_dump(mode="json"),
                       "weight": item.weight, "manifest": d.manifest}
-                     for d, item in zip(facts["mixture"], config.datasets)],
+                     for d, item in zip(facts["mixture"], config.items())],
     }
     model_uri = export_model(chosen, storage.join(config.output, "model"), info,
-                             [item.objective for item in config.datasets])
+                             [item.objective for item in config.items()])
     grid = info["elastic_grid"]
     storage.write_json(storage.join(config.output, "history.json"), history)
     with tempfile.TemporaryDirectory(prefix="ef-curve-") as tmp:
@@ -159,7 +167,7 @@ def run_train(config: TrainConfig, step_callback: Callable[[int, int], None] | N
     manifest = storage.commit(config.output, {
         "kind": "train", "model": model_uri, "config_hash": config.config_hash(), "run_name": config.run_name,
         "steps": facts["total_steps"], "dev_metrics": dev_metrics, "base_dev_metrics": base_dev,
-        "final_train_loss": final.get("train_loss"), "elastic_grid": grid,
+        "final_train_loss": final.get("train_loss"), "elastic_grid": grid, "phases": info["phases"],
         "files": ["history.json", "training_curve.png"],
         "datasets": json.loads(json.dumps(info["datasets"], default=str)),
     })
