@@ -9,10 +9,13 @@ client-side p50/p99 latency at each concurrency (``--levels``) and request size
       (ingress -> model deployment); mode ``proxy`` (Ray Serve's Python HTTP proxy, the
       default) or ``haproxy`` (Ray Serve's HAProxy front with direct ingress to the replicas,
       ``serve.http_front: haproxy``). Each runs in a fresh process with a fresh Ray;
-  (b) Infinity (`infinity_emb v2`, from a separate virtual environment: --infinity-bin),
-  (c) SentenceTransformer.encode in this process (the throughput limit; no HTTP),
+  (b) Infinity (`infinity_emb v2`, from a separate virtual environment: --infinity-bin), started
+      once and idle while (a) is measured,
+  (c) SentenceTransformer.encode in this process (the throughput limit; no HTTP), before and after,
 
-one after the other (never side by side), and prints ratios against (b) and (c). For (a) it
+never two measured at once: each cell runs ``--rounds`` times, ours then Infinity back to back,
+so both see the same load on a shared machine; the summary gives medians and the median of the
+per-round ratios, against (b) and (c). For (a) it
 also prints where the time goes, from the ``Server-Timing`` header of every answer (means, ms):
 ``outside`` (client latency minus the time inside the app: HTTP, the Serve proxy or HAProxy,
 Serve's dispatch to the replica), ``hop`` (the app's call of the model minus the model's own
@@ -120,18 +123,31 @@ async def load_test(url: str, texts: list[str], concurrency: int, n_requests: in
     return out
 
 
-def run_grid(name: str, url: str, texts, levels, sizes, requests_per_level, model, headers, extra=None) -> dict:
+def run_cell(name: str, url: str, texts, size: int, c: int, requests_per_level: int, model: str,
+             headers: dict) -> dict:
+    n = max(requests_per_level // size, 2 * c)
+    r = asyncio.run(load_test(url, texts, c, n, size, model, headers))
+    line = (f"  {name:<18} {size:>2}/req c={c:<3} {r['sent_per_s']:8.1f} sent/s  p50 {r['p50_ms']:7.1f} ms  "
+            f"p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}")
+    if "phases_ms" in r:
+        line += "  | " + " ".join(f"{p} {v:.1f}" for p, v in r["phases_ms"].items())
+    print(line, flush=True)
+    return r
+
+
+def run_grid(name: str, url: str, texts, levels, sizes, requests_per_level, model, headers,
+             infinity_url: str | None = None, rounds: int = 1) -> dict:
+    """Every (sentences a request, concurrency) cell ``rounds`` times; with ``infinity_url`` each of our
+    runs is followed at once by Infinity's on the same cell, so both see the same machine load."""
     out = {}
     for size in sizes:
         for c in levels:
-            n = max(requests_per_level // size, 4 * c)
-            r = asyncio.run(load_test(url, texts, c, n, size, model, headers, extra))
-            out[f"{size}x{c}"] = r
-            line = (f"  {name:<14} {size:>2}/req c={c:<3} {r['sent_per_s']:8.1f} sent/s  p50 {r['p50_ms']:7.1f} ms  "
-                    f"p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}")
-            if "phases_ms" in r:
-                line += "  | " + " ".join(f"{p} {v:.1f}" for p, v in r["phases_ms"].items())
-            print(line, flush=True)
+            cell = out.setdefault(f"{size}x{c}", {"ours": [], "infinity": []})
+            for _ in range(rounds):
+                cell["ours"].append(run_cell(name, url, texts, size, c, requests_per_level, model, headers))
+                if infinity_url:
+                    cell["infinity"].append(run_cell("infinity", infinity_url, texts, size, c, requests_per_level,
+                                                     "minilm", {}))
     return out
 
 
@@ -182,7 +198,7 @@ def serve_child(spec: dict) -> dict:
         url, headers = f"{base}/v1/embeddings", {"Authorization": f"Bearer {KEY}"}
         texts = spec["texts"]
         return run_grid(f"ours {spec['server']}", url, texts, spec["levels"], spec["sizes"], spec["requests"],
-                        "minilm", headers)
+                        "minilm", headers, spec.get("infinity_url"), spec.get("rounds", 1))
     finally:
         serve.shutdown()
         import ray
@@ -190,9 +206,10 @@ def serve_child(spec: dict) -> dict:
         ray.shutdown()
 
 
-def bench_ours(server: str, model_path: str, texts, levels, sizes, n, threads) -> dict:
+def bench_ours(server: str, model_path: str, texts, levels, sizes, n, threads, infinity_url=None,
+               rounds=1) -> dict:
     spec = {"server": server, "model_path": model_path, "texts": texts, "levels": levels, "sizes": sizes,
-            "requests": n, "threads": threads}
+            "requests": n, "threads": threads, "infinity_url": infinity_url, "rounds": rounds}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     out = Path(f.name).with_suffix(".out.json")
@@ -202,49 +219,55 @@ def bench_ours(server: str, model_path: str, texts, levels, sizes, n, threads) -
     return json.loads(out.read_text())
 
 
-def bench_infinity(binary, model_path, texts, levels, sizes, n, threads):
-    port = free_port()
-    log = open(Path(tempfile.gettempdir()) / "infinity-bench.log", "w")
-    proc = subprocess.Popen([binary, "v2", "--model-id", model_path, "--served-model-name", "minilm",
-                             "--host", "127.0.0.1", "--port", str(port), "--engine", "torch", "--device", "cpu",
-                             "--batch-size", "64", "--url-prefix", "/v1", "--no-model-warmup"],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)})
-    try:
+class InfinityServer:
+    """``infinity_emb v2`` on the same model folder, started once; idle while this server is measured."""
+
+    def __init__(self, binary: str, model_path: str, threads: int):
+        self.port = free_port()
+        self.log = open(Path(tempfile.gettempdir()) / "infinity-bench.log", "w")
+        self.proc = subprocess.Popen(
+            [binary, "v2", "--model-id", model_path, "--served-model-name", "minilm", "--host", "127.0.0.1",
+             "--port", str(self.port), "--engine", "torch", "--device", "cpu", "--batch-size", "64",
+             "--url-prefix", "/v1", "--no-model-warmup"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)})
+        self.url = f"http://127.0.0.1:{self.port}/v1/embeddings"
+
+    def wait_ready(self, timeout_s: float = 300) -> None:
         import httpx
 
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"infinity exited with {proc.returncode}; see {log.name}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"infinity exited with {self.proc.returncode}; see {self.log.name}")
             try:  # /health lives at the root or under --url-prefix depending on the version
-                if any(httpx.get(f"http://127.0.0.1:{port}{p}/health", timeout=2).status_code == 200
+                if any(httpx.get(f"http://127.0.0.1:{self.port}{p}/health", timeout=2).status_code == 200
                        for p in ("", "/v1")):
-                    break
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(1)
-        else:
-            raise RuntimeError(f"infinity not healthy after 300 s; see {log.name}")
-        return run_grid("infinity", f"http://127.0.0.1:{port}/v1/embeddings", texts, levels, sizes, n, "minilm", {})
-    finally:
-        proc.terminate()
+        raise RuntimeError(f"infinity not healthy after {timeout_s:.0f} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
         try:
-            proc.wait(20)
+            self.proc.wait(20)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.proc.kill()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="all-minilm-l6-v2", help="packaged name or model folder")
     p.add_argument("--sentences", type=int, default=1000, help="distinct sentences (in-process run uses all)")
-    p.add_argument("--requests", type=int, default=512, help="sentences per grid cell (at least 4 x c requests)")
+    p.add_argument("--requests", type=int, default=512, help="sentences per grid cell (at least 2 x c requests)")
     p.add_argument("--levels", default="16,64", help="concurrency levels")
     p.add_argument("--per-request", default="1,16", help="sentences per request")
     p.add_argument("--threads", type=int, default=2, help="torch threads (in-process, model replica, Infinity)")
     p.add_argument("--infinity-bin", default=shutil.which("infinity_emb"), help="infinity_emb executable")
-    p.add_argument("--servers", default="fused,split,fused+haproxy",
+    p.add_argument("--rounds", type=int, default=2, help="repetitions of each cell (ours then Infinity each time)")
+    p.add_argument("--servers", default="fused,fused+haproxy,split",
                    help="this server's topology[+mode] entries to measure, in order; the first is compared")
     p.add_argument("--serve-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -264,32 +287,46 @@ def main(argv=None) -> int:
     limit = bench_in_process(model_path, texts, args.threads)
     print(f"  in-process encode: {limit:.1f} sent/s", flush=True)
     servers = args.servers.split(",")
-    runs, failed = {}, {}
-    for server in servers:
-        try:
-            runs[server] = bench_ours(server, model_path, texts, levels, sizes, args.requests, args.threads)
-        except Exception as e:  # noqa: BLE001 - report the reason and keep the other results
-            failed[server] = f"{type(e).__name__}: {e}"
     infinity, infinity_error = None, None
     if args.infinity_bin:
         try:
-            infinity = bench_infinity(args.infinity_bin, model_path, texts, levels, sizes, args.requests,
-                                      args.threads)
+            infinity = InfinityServer(args.infinity_bin, model_path, args.threads)
+            infinity.wait_ready()
         except Exception as e:  # noqa: BLE001 - report the reason and keep the other results
             infinity_error = f"{type(e).__name__}: {e}"
+            if infinity is not None:
+                infinity.stop()
+            infinity = None
     else:
         infinity_error = "infinity_emb not found (pass --infinity-bin)"
+    runs, failed = {}, {}
+    try:
+        for server in servers:
+            try:
+                runs[server] = bench_ours(server, model_path, texts, levels, sizes, args.requests, args.threads,
+                                          infinity.url if infinity else None, args.rounds)
+            except Exception as e:  # noqa: BLE001 - report the reason and keep the other results
+                failed[server] = f"{type(e).__name__}: {e}"
+    finally:
+        if infinity is not None:
+            infinity.stop()
+    limit_end = bench_in_process(model_path, texts, args.threads)
+    print(f"  in-process encode again: {limit_end:.1f} sent/s (ratios use the mean of both)", flush=True)
+    limit = (limit + limit_end) / 2
 
-    print("\nsummary (sentences/s; ratios: ours / infinity, ours / in-process; p99 ours vs infinity)")
+    print("\nsummary (sentences/s, median over rounds; ours/infinity: median of the per-round ratios, each "
+          "round measured back to back; p99 ours vs infinity)")
     for server, res in runs.items():
-        for cell, o in res.items():
+        for cell, r in res.items():
             size, c = cell.split("x")
-            line = (f"  {server:<14} {size:>2}/req c={c:<3} ours {o['sent_per_s']:7.1f}  "
-                    f"/in-process {o['sent_per_s'] / limit:5.2f}x")
-            if infinity:
-                i = infinity[cell]
-                line += (f"  infinity {i['sent_per_s']:7.1f}  ours/infinity {o['sent_per_s'] / i['sent_per_s']:5.2f}x"
-                         f"  p99 {o['p99_ms']:.0f} vs {i['p99_ms']:.0f} ms")
+            ours = float(np.median([x["sent_per_s"] for x in r["ours"]]))
+            line = f"  {server:<14} {size:>2}/req c={c:<3} ours {ours:7.1f}  /in-process {ours / limit:5.2f}x"
+            if r["infinity"]:
+                inf = float(np.median([x["sent_per_s"] for x in r["infinity"]]))
+                ratio = float(np.median([o["sent_per_s"] / i["sent_per_s"] for o, i in zip(r["ours"], r["infinity"])]))
+                p99o = float(np.median([x["p99_ms"] for x in r["ours"]]))
+                p99i = float(np.median([x["p99_ms"] for x in r["infinity"]]))
+                line += f"  infinity {inf:7.1f}  ours/infinity {ratio:5.2f}x  p99 {p99o:.0f} vs {p99i:.0f} ms"
             print(line)
     if infinity_error:
         print(f"  infinity unavailable: {infinity_error}")
