@@ -54,7 +54,6 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from embedforge import schemas as S
 from embedforge import storage
 from embedforge.errors import ConfigError, InputError
 from embedforge.runtime import check_resources, init_ray, resolve_dtype_on_cluster
