@@ -120,6 +120,19 @@ def ndcg10(model: Any, ir: dict[str, Any]) -> float:
     return 100 * float(next(v for key, v in results.items() if key.endswith("ndcg@10")))
 
 
+def progress(method: str, variant: str, seed: int, value: Any) -> None:
+    """One finished training run, printed at once (a long ablation keeps what it measured so far)."""
+    print(f"run {method} {variant} seed {seed}: {json.dumps(value)}", flush=True)
+
+
+def scored(method: str, name: str, seeds: list[int], run) -> list[float]:
+    out = []
+    for seed in seeds:
+        out.append(run(seed))
+        progress(method, name, seed, out[-1])
+    return out
+
+
 def mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -197,6 +210,7 @@ def ablate_2dmse(seeds: list[int], steps: int, dev_limit: int | None) -> list[di
             scores[name]["full"].append(full)
             scores[name]["half"].append(100 * sts_spearman(model, dev, depth=3) / full)
             scores[name]["d64"].append(100 * sts_spearman(model, dev, dim=64) / full)
+            progress("2dmse", name, seed, {k: v[-1] for k, v in scores[name].items()})
     scale = f"{steps} steps x 16 pairs, seeds {seeds}, STS-B dev {len(dev['score'])} pairs"
     out = []
     for name in ("2dmse", "2dmse-ese"):
@@ -216,7 +230,8 @@ def ablate_peg(seeds: list[int], steps: int, n_neg: int) -> list[dict]:
     specs = {"mnrl-pairs": {"kind": "mnrl", "num_negatives": 0},
              "mnrl-hard": {"kind": "mnrl", "num_negatives": n_neg},
              "peg": {"kind": "mnrl", "num_negatives": n_neg, "progressive": 2.0}}
-    got = {name: [ndcg10(train(spec, rows, steps, seed), ir) for seed in seeds] for name, spec in specs.items()}
+    got = {name: scored("peg", name, seeds, lambda seed, spec=spec: ndcg10(train(spec, rows, steps, seed), ir))
+           for name, spec in specs.items()}
     scale = (f"{steps} steps x 16 queries, {n_neg} mined negatives, seeds {seeds}, train on "
              f"{first.height} questions, nDCG@10 over {second.height} questions of the other train articles")
     return [row("PEG", "mnrl+hard negatives+progressive", "mnrl+hard negatives", "nDCG@10", got["peg"],
@@ -240,7 +255,8 @@ def ablate_llm_embedder(feedback: str, seeds: list[int], steps: int, k: int) -> 
              "kl": {**base, "distill": "kl"},
              "stable": {**base, "distill": "stable"},
              "kl+contrastive": {**base, "distill": "kl", "contrastive_weight": 0.2}}
-    got = {name: [ndcg10(train(spec, rows, steps, seed), ir) for seed in seeds] for name, spec in specs.items()}
+    got = {name: scored("llm_embedder", name, seeds, lambda seed, spec=spec: ndcg10(train(spec, rows, steps, seed), ir))
+           for name, spec in specs.items()}
     scale = (f"{steps} steps x 16 queries, {len(rows['query'])} queries x {k} candidates ({dropped} dropped), "
              f"seeds {seeds}, nDCG@10 over {held.height} questions of {len(set(held['article'].to_list()))} "
              "train articles the reward run did not read")
@@ -304,16 +320,18 @@ def main() -> None:
         rows += ablate_2dmse(seeds, steps, dev_limit)
     if "peg" in args.only:
         rows += ablate_peg(seeds, steps, n_neg=3)
+    if "dse" in args.only:
+        if args.teachers:
+            rows += dse_teachers(args.teachers)
+            for r in rows[-len(args.teachers) - 1:]:
+                progress("dse", r["variant"], 0, [r["variant_value"], r["baseline_value"]])
+        else:
+            print("DSE teacher: skipped (pass --teachers, reward outputs with sts_eval)")
     if "llm_embedder" in args.only:
         if args.feedback:
             rows += ablate_llm_embedder(args.feedback, seeds, steps, args.candidates)
         else:
             print("LLM-Embedder: skipped (pass --feedback, a committed reward output with LLM feedback)")
-    if "dse" in args.only:
-        if args.teachers:
-            rows += dse_teachers(args.teachers)
-        else:
-            print("DSE teacher: skipped (pass --teachers, reward outputs with sts_eval)")
     print(f"{'method':<13} {'variant':<34} {'baseline':<28} {'metric':<36} {'variant':>14} {'baseline':>14} "
           f"{'delta':>14}")
     for r in rows:
