@@ -289,6 +289,45 @@ def test_multilingual_distill_names_the_teacher_when_widths_differ(tiny_path):
         build_loss(objective, st)([st.preprocess(ANCHORS[:2])], torch.zeros(2, 16))
 
 
+def test_similarity_distill_equals_the_formula_by_hand():
+    """mse(t s^T, G G^T) + mse(t t^T, G G^T) + mse(s s^T, G G^T) on normalized rows, computed elementwise."""
+    import torch
+
+    from workflows.train.losses.multilingual import similarity_distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t, teacher = (torch.randn(3, 5, generator=g) for _ in range(3))
+    n = [x / x.norm(dim=1, keepdim=True) for x in (s, t, teacher)]
+    cos = lambda a, b: [[float((a[i] * b[j]).sum()) for j in range(3)] for i in range(3)]  # noqa: E731
+    target = cos(n[2], n[2])
+    by_hand = sum(sum((m[i][j] - target[i][j]) ** 2 for i in range(3) for j in range(3)) / 9
+                  for m in (cos(n[1], n[0]), cos(n[1], n[1]), cos(n[0], n[0])))
+    assert similarity_distill_loss(s, t, teacher).item() == pytest.approx(by_hand, rel=1e-5)
+    # zero when source and translation already sit where the teacher puts the source
+    assert similarity_distill_loss(teacher, 2 * teacher, teacher).item() < 1e-10
+
+
+def test_similarity_distill_objective_trains_through_the_factory(tiny_path):
+    """loss: similarity builds SimilarityDistillLoss; it is zero on identical columns and backpropagates."""
+    import torch
+
+    from workflows.train.losses.multilingual import SimilarityDistillLoss
+
+    objective = OBJ.validate_python({"kind": "multilingual_distill", "loss": "similarity"})
+    st = load(tiny_path)
+    st.eval()
+    loss_fn = build_loss(objective, st)
+    assert isinstance(loss_fn, SimilarityDistillLoss)
+    sources = ANCHORS[:4]
+    teacher = torch.from_numpy(st.encode(sources, convert_to_numpy=True))
+    with torch.no_grad():
+        assert loss_fn([st.preprocess(sources), st.preprocess(sources)], teacher).item() < 1e-10
+    loss = loss_fn([st.preprocess(sources), st.preprocess(POSITIVES[:4])], teacher)
+    assert loss.item() > 1e-6
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in st.parameters())
+
+
 # ---- negatives gathered across workers (2 gloo processes) ----
 
 GATHER_SPECS = [

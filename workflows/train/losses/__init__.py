@@ -218,6 +218,10 @@ class MultilingualDistillConfig(_Objective):
         None, description="[source column, translation column] pairs read from each row, e.g. "
                           "[[source_sentence1, sentence1]]; None: every source_<c> / <c> pair in the data "
                           "(a synthesize output: source_sentence1/sentence1, source_sentence2/sentence2, ...)")
+    loss: Literal["mse", "similarity"] = Field(
+        "mse", description="mse: the paper's loss (sentence-transformers' MSELoss on coordinates); similarity: "
+                           "match the teacher's in-batch cosine matrix (SimilarityDistillLoss; steadier on a few "
+                           "hundred pairs, see docs/train.md)")
     teacher_batch_size: int = Field(64, ge=1, le=4096, description="Sentences per teacher forward pass")
     teacher_store: str | None = Field(
         None, description="URI under which teacher embeddings are stored and looked up; None: beside the data "

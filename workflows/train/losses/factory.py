@@ -48,9 +48,9 @@ def base_loss(objective: Any, st: Any) -> nn.Module:
             return MixedScoreDistillLoss(st, base, objective.alpha)
         return base
     if kind == "multilingual_distill":
-        from workflows.train.losses.multilingual import MultilingualDistillLoss
+        from workflows.train.losses.multilingual import MultilingualDistillLoss, SimilarityDistillLoss
 
-        return MultilingualDistillLoss(st)
+        return SimilarityDistillLoss(st) if objective.loss == "similarity" else MultilingualDistillLoss(st)
     raise ValueError(f"unknown objective kind {kind!r}")
 
 

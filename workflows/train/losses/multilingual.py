@@ -44,3 +44,42 @@ class MultilingualDistillLoss(MSELoss):
                                  f"the student's have {student_dim}; set objective.teacher to a model of the "
                                  f"student's width (or leave it unset: the base model)")
         return super().forward(sentence_features, labels)
+
+
+def similarity_distill_loss(source: Tensor, translation: Tensor, teacher: Tensor) -> Tensor:
+    """Pure form of :class:`SimilarityDistillLoss` on embeddings (B, D): see its docstring."""
+    import torch.nn.functional as F
+
+    s, t, g = (F.normalize(x, dim=-1) for x in (source, translation, teacher.detach()))
+    target = g @ g.T
+    return F.mse_loss(t @ s.T, target) + F.mse_loss(t @ t.T, target) + F.mse_loss(s @ s.T, target)
+
+
+class SimilarityDistillLoss(MSELoss):
+    """Distil the teacher's in-batch cosine structure instead of its coordinates (written here:
+    sentence-transformers has no batch-relational distillation loss).
+
+    With ``G`` the teacher's L2-normalized embeddings of the sources, ``s`` and ``t`` the student's
+    normalized embeddings of sources and translations in the batch::
+
+        loss = mse(t s^T, G G^T) + mse(t t^T, G G^T) + mse(s s^T, G G^T)
+
+    The cross-lingual term asks cos(translation_i, source_j) to equal the teacher's cos(source_i,
+    source_j), the monolingual terms keep both languages' similarity structure the teacher's. It
+    follows similarity-preserving distillation (Tung & Mori, ICCV 2019: match the batch Gram
+    matrices of teacher and student) applied to parallel data; it is not the loss of Reimers &
+    Gurevych 2020. Why it exists: on a few hundred parallel sentences the coordinate MSE above pulled
+    German embeddings toward the teacher's centroid (all-MiniLM-L6-v2, 500 STS-B train sentences with
+    DeepL German, STS-B dev German Spearman fell from 74.0 to 47.0 in 2 epochs; docs/train.md), while
+    matching the B x B similarity matrix gives each sentence B constraints instead of one target.
+    Inputs and labels are those of ``multilingual_distill``.
+    """
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> Tensor:
+        from sentence_transformers.sentence_transformer.losses.embed_distill import embed_columns
+
+        if labels is None or labels.dim() != 2:
+            raise ValueError("multilingual_distill (loss: similarity) needs the teacher's source embeddings "
+                             "(B, D) as labels")
+        source, translation = embed_columns(self.model, sentence_features)
+        return similarity_distill_loss(source, translation, labels)
