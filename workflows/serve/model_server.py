@@ -73,7 +73,7 @@ def make_model_server(config: ServeConfig) -> type:
             self._threads = self.config.model_deployment.torch_threads or max(1, math.ceil(
                 self.config.model_deployment.num_cpus))
             torch.set_num_threads(self._threads)
-            # Forward passes run in this one thread (the Embedder sets torch's per-thread count in it:
+            # Forward passes run in this one thread (forward_ids sets torch's per-thread count in it:
             # a fresh thread would otherwise compute on OMP_NUM_THREADS, 1 in Ray workers).
             self._encoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
             self._forward = ForwardQueue(self._encode, self.config.batching.max_batch_size,
