@@ -196,12 +196,13 @@ def row(method: str, variant: str, baseline: str, metric: str, v: list[float], b
             "runs": {"variant": v, "baseline": b}}
 
 
-def ablate_2dmse(seeds: list[int], steps: int, dev_limit: int | None) -> list[dict]:
+def ablate_2dmse(seeds: list[int], steps: int, dev_limit: int | None, variants: list[str] | None = None) -> list[dict]:
     train_rows, dev = stsb("train", None), stsb("dev", dev_limit)
     specs = {"cosent": {"kind": "cosent"},
              "2dmse": {"kind": "cosent", "matryoshka2d": {**GRID, "n_layers_per_step": 1}},
              "2dmse-ese": {"kind": "cosent", "matryoshka2d": {**GRID, "n_layers_per_step": -1,
                                                                "layer_weights": "ese"}}}
+    specs = {name: spec for name, spec in specs.items() if not variants or name in variants}
     scores: dict[str, dict[str, list[float]]] = {name: {"full": [], "half": [], "d64": []} for name in specs}
     for name, spec in specs.items():
         for seed in seeds:
@@ -213,7 +214,9 @@ def ablate_2dmse(seeds: list[int], steps: int, dev_limit: int | None) -> list[di
             progress("2dmse", name, seed, {k: v[-1] for k, v in scores[name].items()})
     scale = f"{steps} steps x 16 pairs, seeds {seeds}, STS-B dev {len(dev['score'])} pairs"
     out = []
-    for name in ("2dmse", "2dmse-ese"):
+    if "cosent" not in specs:
+        return out
+    for name in [n for n in ("2dmse", "2dmse-ese") if n in specs]:
         out.append(row("2DMSE", name, "cosent", "half-depth retention % (STS-B dev)",
                        scores[name]["half"], scores["cosent"]["half"], scale))
         out.append(row("2DMSE", name, "cosent", "64-dim retention %", scores[name]["d64"], scores["cosent"]["d64"],
@@ -295,6 +298,60 @@ def dse_teachers(teachers: list[str]) -> list[dict]:
     return out
 
 
+def hf_cross_encoder(model_name: str, dev: dict[str, list], chat: bool) -> list[float]:
+    """An LLM read as a cross-encoder with transformers: the reward stage's few-shot prompt, then the
+    expected score ``sum_k k p(k) / sum_k p(k)`` over the next-token probabilities of the digits 0-5."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from actors.reward_scorer import DEFAULT_CROSS_ENCODER_TEMPLATE
+    from embedforge.models import resolve_model
+
+    path = resolve_model(model_name)
+    tok = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    digits = [tok.convert_tokens_to_ids(str(k)) for k in range(6)]
+    scores = []
+    with torch.no_grad():
+        for s1, s2 in zip(dev["sentence1"], dev["sentence2"]):
+            message = DEFAULT_CROSS_ENCODER_TEMPLATE.format(sentence1=s1, sentence2=s2)
+            if chat:
+                text = tok.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                               add_generation_prompt=True) + "Similarity (0-5): "
+            else:
+                text = message + "\nSimilarity (0-5): "
+            ids = tok(text, return_tensors="pt")
+            p = torch.softmax(lm(**ids).logits[0, -1], dim=-1)[digits]
+            scores.append(float((p * torch.arange(6)).sum() / p.sum()))
+    return scores
+
+
+def dse_hf_teachers(names: list[str], limit: int) -> list[dict]:
+    from scipy.stats import rankdata, spearmanr
+
+    from embedforge.models import resolve_model
+    from sentence_transformers import SentenceTransformer
+
+    dev = stsb("dev", limit)
+    st = SentenceTransformer(resolve_model(BASE), device="cpu")
+    a = st.encode(dev["sentence1"], normalize_embeddings=True)
+    b = st.encode(dev["sentence2"], normalize_embeddings=True)
+    student = 100 * float(spearmanr((a * b).sum(-1), dev["score"]).statistic)
+    out, ranks = [], []
+    for name in names:
+        t = hf_cross_encoder(name, dev, chat="instruct" in name)
+        ranks.append(rankdata(t))
+        out.append(row("DSE teacher", f"{name} as cross-encoder (transformers)", f"student cosine ({BASE})",
+                       "Spearman x100 (dev)", [100 * float(spearmanr(t, dev["score"]).statistic)], [student],
+                       f"{len(t)} STS-B dev pairs"))
+        progress("dse", name, 0, [out[-1]["variant_value"], student])
+    if len(names) > 1:
+        ens = sum(ranks) / len(ranks)
+        out.append(row("DSE teacher", "rank-average of the LLMs", f"student cosine ({BASE})", "Spearman x100 (dev)",
+                       [100 * float(spearmanr(ens, dev["score"]).statistic)], [student], f"{len(ens)} STS-B dev pairs"))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few minutes on 2 cores: 1 seed, few steps")
@@ -304,8 +361,13 @@ def main() -> None:
                         default=["2dmse", "peg", "llm_embedder", "dse"])
     parser.add_argument("--feedback", help="committed reward output with LLM feedback (LLM-Embedder row)")
     parser.add_argument("--teachers", nargs="*", default=[], help="reward outputs with sts_eval (DSE row)")
+    parser.add_argument("--hf-teachers", nargs="*", default=[],
+                        help="packaged LLMs to read as cross-encoders with transformers (DSE row), e.g. gemma-3-270m")
+    parser.add_argument("--teacher-pairs", type=int, default=100, help="STS-B dev pairs for --hf-teachers")
     parser.add_argument("--candidates", type=int, default=4, help="kl_distill candidates per query")
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--variants", nargs="+", choices=["cosent", "2dmse", "2dmse-ese"],
+                        help="2DMSE row: train only these (rows need cosent too; runs are printed either way)")
     parser.add_argument("--dev-limit", type=int, help="STS-B dev pairs for the 2DMSE row (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -317,9 +379,11 @@ def main() -> None:
     rows: list[dict] = []
     t0 = time.perf_counter()
     if "2dmse" in args.only:
-        rows += ablate_2dmse(seeds, steps, dev_limit)
+        rows += ablate_2dmse(seeds, steps, dev_limit, args.variants)
     if "peg" in args.only:
         rows += ablate_peg(seeds, steps, n_neg=3)
+    if "dse" in args.only and args.hf_teachers:
+        rows += dse_hf_teachers(args.hf_teachers, args.teacher_pairs)
     if "dse" in args.only:
         if args.teachers:
             rows += dse_teachers(args.teachers)
