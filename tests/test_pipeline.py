@@ -196,8 +196,8 @@ def test_mixture_kind_filter(tmp_path):
 def test_quickstart_end_to_end_and_rerun_skips(tmp_path):
     """The README's main job on a smaller slice, twice: the second run skips every stage."""
     out = tmp_path / "run"
-    sets = ["--set", f"output={out}", "--set", "synthesize.inputs.0.limit=40", "--set", "synthesize.inputs.1.limit=20",
-            "--set", "train.train.max_steps=6", "--set", "train.train.batch_size=4", "--set", "train.datasets.2.dataset.limit=200",
+    sets = ["--set", f"output={out}", "--set", "synthesize.inputs.0.limit=40",
+            "--set", "train.train.epochs=1", "--set", "train.train.batch_size=4",
             "--set", "deploy.http.port=18123", "--set", "evaluate.tasks.0.datasets.0.limit=200",
             "--set", "evaluate.tasks.0.datasets.1.limit=200", "--set", "evaluate.tasks.0.datasets.2.limit=200"]
     cmd = [sys.executable, "-m", "jobs.pipeline", "--config", "configs/quickstart.yaml", *sets]
