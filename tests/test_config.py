@@ -213,3 +213,13 @@ def test_translation_engine_fields_are_the_engines_own_and_reach_it():
         build_config(SynthesizeConfig, {"inputs": [{"source": "stsb", "split": "train"}], "target_langs": ["de"],
                                         "output": "/tmp/x", "translation": {"backend": "ray_data_llm",
                                                                             "num_threads": 2}})
+
+
+@pytest.mark.parametrize("key, fix", [("ingress.num_gpus=1", "model_deployment.num_gpus"),
+                                      ("ingress.torch_threads=2", "model_deployment.torch_threads")])
+def test_serve_ingress_model_keys_are_refused_with_the_key_that_works(key, fix):
+    from embedforge.config import load_config
+    from workflows.serve.config import ServeConfig
+
+    with pytest.raises(ConfigError, match=fix):
+        load_config(ServeConfig, REPO / "configs" / "serve.yaml", [key])

@@ -142,6 +142,11 @@ class ServeConfig(StrictModel):
             raise ValueError(f"default_model {self.default_model!r} is not in models ({', '.join(self.models)})")
         if self.auth.mode == "api_keys" and not (self.auth.api_keys_env or self.auth.api_keys_file):
             raise ValueError("auth: set api_keys_env or api_keys_file, or mode: disabled for local use")
+        # The ingress only parses, checks and forwards: it runs no model, so these keys would do nothing.
+        if self.ingress.num_gpus > 0:
+            raise ValueError("ingress.num_gpus: the ingress runs no model; give GPUs to model_deployment.num_gpus")
+        if self.ingress.torch_threads is not None:
+            raise ValueError("ingress.torch_threads: the ingress runs no model; set model_deployment.torch_threads")
         return self
 
     @property
