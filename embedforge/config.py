@@ -226,3 +226,15 @@ def run_job(
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return int(result) if isinstance(result, int) else 0
+
+
+def config_from_app_args(cls: type[C], args: dict[str, Any] | None) -> C:
+    """A Serve app builder's config from its ``args``: ``{"config": path, "set": ["a.b=c", ...]}``
+    (a YAML file plus overrides, as the jobs take them) or the config's fields themselves."""
+    args = dict(args or {})
+    if "config" in args:
+        config = load_config(cls, args.pop("config"), list(args.pop("set", [])))
+        if args:
+            raise ConfigError(f"app args: unexpected keys {sorted(args)} beside 'config' (put overrides in 'set')")
+        return config
+    return build_config(cls, args)

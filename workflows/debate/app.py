@@ -249,17 +249,9 @@ def app_builder(args: dict[str, Any]) -> Any:
     ``args`` is ``{"config": "configs/debate.yaml", "set": ["a.b=c", ...]}`` or the DebateConfig
     fields themselves. The route prefix comes from the Serve config, not from ``http``.
     """
-    from embedforge.config import build_config, load_config
-    from embedforge.errors import ConfigError
+    from embedforge.config import config_from_app_args
 
-    args = dict(args or {})
-    if "config" in args:
-        config = load_config(DebateConfig, args.pop("config"), list(args.pop("set", [])))
-        if args:
-            raise ConfigError(f"app args: unexpected keys {sorted(args)} beside 'config' (put overrides in 'set')")
-    else:
-        config = build_config(DebateConfig, args)
-    return build_debate_app(config)
+    return build_debate_app(config_from_app_args(DebateConfig, args))
 
 
 def run_debate_service(config: DebateConfig) -> dict[str, Any]:

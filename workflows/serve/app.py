@@ -256,14 +256,6 @@ def app_builder(args: dict[str, Any]) -> Any:
     ``args`` is either ``{"config": "configs/serve.yaml", "set": ["a.b=c", ...]}`` or the
     ServeConfig fields themselves.
     """
-    from embedforge.config import build_config, load_config
-    from embedforge.errors import ConfigError
+    from embedforge.config import config_from_app_args
 
-    args = dict(args or {})
-    if "config" in args:
-        config = load_config(ServeConfig, args.pop("config"), list(args.pop("set", [])))
-        if args:
-            raise ConfigError(f"app args: unexpected keys {sorted(args)} beside 'config' (put overrides in 'set')")
-    else:
-        config = build_config(ServeConfig, args)
-    return build_app(config)
+    return build_app(config_from_app_args(ServeConfig, args))
