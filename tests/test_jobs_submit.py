@@ -46,6 +46,9 @@ def job_env() -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
         "TQDM_DISABLE": "1",
+        # The serving configs take their API keys from this variable (a Secret on the cluster); a
+        # missing key is a config error even on --dry-run.
+        "EMBEDFORGE_API_KEYS": "key-for-the-dry-run",
     }
     if os.environ.get("EMBEDFORGE_MODEL_CACHE"):
         env["EMBEDFORGE_MODEL_CACHE"] = os.environ["EMBEDFORGE_MODEL_CACHE"]

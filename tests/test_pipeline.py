@@ -125,13 +125,18 @@ def test_missing_api_keys_and_few_shot_data_exit_2_before_ray(monkeypatch, capsy
 
     from jobs.pipeline import main
 
+    def no_cluster_work(*args, **kwargs):
+        raise AssertionError("Ray was started before the config error")
+
+    # The session's Ray may already be up from other tests: make any start attempt visible.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster_work)
     monkeypatch.delenv("EMBEDFORGE_TEST_KEYS", raising=False)
     assert main(["--config", "configs/quickstart.yaml", "--set", "deploy.auth.mode=api_keys",
                  "--set", "deploy.auth.api_keys_env=EMBEDFORGE_TEST_KEYS"]) == 2
     assert "deploy.auth: no API keys ($EMBEDFORGE_TEST_KEYS is unset)" in capsys.readouterr().err
     assert main(["--config", "configs/quickstart.yaml", "--set", "synthesize.target_langs=[sw]"]) == 2
     assert "synthesize.translation.few_shot: no built-in few-shot examples for 'sw'" in capsys.readouterr().err
-    assert not ray.is_initialized()
 
 
 def test_serve_and_debate_jobs_check_their_keys_before_ray(monkeypatch, capsys):
