@@ -326,6 +326,13 @@ def test_unique_sentences_and_assemble():
     assert quarantine["reasons"].to_list()[0] == [{**copy, "column": "positive"}]
     assert quarantine.select(R.reason_codes())["reasons"].to_list() == [["copy"], ["malformed"]]
     assert quarantine["reason"].to_list()[0] == "positive: copy (similarity to the source 0.950 vs 0.9)"
+    # the copied positive of row 1 is left out of the parallel data, its anchor and negative are in;
+    # the malformed row 3 has no translation and gives nothing
+    parallel = R.parallel_sentences(kept, quarantine, "nli_triplets")
+    assert sorted(zip(parallel["row_id"].to_list(), parallel["column"].to_list())) == [
+        (0, "anchor"), (0, "negative"), (0, "positive"), (1, "anchor"), (1, "negative"),
+        (2, "anchor"), (2, "negative"), (2, "positive")]
+    assert parallel["cosine"].null_count() == parallel.height  # no embedding checks ran
     summary = summarize(kept, quarantine, ["de"]).row(0, named=True)
     assert (summary["rows_in"], summary["kept"], summary["quarantined"], summary["malformed"]) == (4, 2, 2, 1)
     assert summary["pass_copy"] == pytest.approx(1 - 1 / 9)
@@ -360,6 +367,16 @@ def test_assemble_embedding_checks_margin_and_pair_consistency():
     assert set(kept["row_id"]) | set(reasons) == set(range(n)) and not set(kept["row_id"]) & set(reasons)
     assert kept["margin_sentence1"].min() >= 0.96 and kept.height == n - 2
     assert "source_embedding" not in kept.columns and "translation_embedding" not in quarantine.columns
+    # parallel sentences: every sentence of kept rows, and the passing sentences of quarantined ones
+    # (row 0 keeps its sentence2; row 3 failed only the row-level pair check and keeps both)
+    parallel = R.parallel_sentences(kept, quarantine, "scored_pairs")
+    got = set(zip(parallel["row_id"].to_list(), parallel["column"].to_list()))
+    assert got == {(r, c) for r in range(n) for c in ("sentence1", "sentence2")} - {(0, "sentence1")}
+    assert parallel.columns == list(R.PARALLEL_COLUMNS)
+    row3 = parallel.filter(pl.col("row_id") == 3).sort("column")
+    assert row3["source_sentence"].to_list() == [s1[3], s2[3]] and row3["sentence"].to_list() == [
+        "DE " + s1[3], "DE " + s2[3]]
+    assert parallel["margin"].null_count() == 0 and parallel["target_lang"].unique().to_list() == ["de"]
     # too small a pool: no margin, the cosine floor and the pair check still run
     small = QEConfig(min_cosine=0.5, min_margin=0.96, max_pair_delta=0.1, margin_min_pool=17)
     kept2, quarantine2 = R.assemble(table, shard, trans, "stsb", small)
@@ -412,6 +429,10 @@ def test_end_to_end_s3_quarantine_and_resume(ray_local, s3, tmp_path):
     data = pl.from_arrow(storage.read_output(output, "data"))
     quarantine = pl.from_arrow(storage.read_output(output, "quarantine"))
     assert data.height + quarantine.height == 22
+    # parallel sentences: both of every kept row, some of the quarantined ones, never a malformed row's
+    parallel = pl.from_arrow(storage.read_output(output, "parallel"))
+    assert parallel.height == counts["parallel_sentences"] >= 2 * data.height
+    assert set(parallel["row_id"]) <= set(data["row_id"]) | set(quarantine.filter(~R.has_code(Q.MALFORMED))["row_id"])
     # structured reasons: every quarantined row has at least one failure with a known code and column
     assert quarantine.filter(R.has_code(Q.MALFORMED)).height == 2
     failures = quarantine.select(pl.col("reasons").explode()).unnest("reasons")

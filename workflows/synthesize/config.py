@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -13,7 +14,8 @@ from embedforge.errors import ConfigError
 from embedforge.runtime import RayConfig
 
 TRANSLATABLE_KINDS = ("scored_pairs", "nli_triplets")
-
+# 2: each shard also writes `parallel` (the sentences that passed their own checks).
+OUTPUT_LAYOUT = 2
 
 class FewShotExample(StrictModel):
     """One English sentence and its reference translation, shown to base models before the input."""
@@ -161,4 +163,6 @@ class SynthesizeConfig(StrictModel):
             "translation": self.translation.model_copy(update={k: None for k in scale}),
             "qe": self.qe.model_copy(update={k: None for k in qe_scale}),
         })
-        return body.config_hash()
+        # The layout of the shards is part of what a config produces: shards written before the
+        # `parallel` sub-output existed must not be resumed into an output that lists it.
+        return hashlib.sha256(f"{body.config_hash()}/layout-{OUTPUT_LAYOUT}".encode()).hexdigest()[:16]

@@ -8,7 +8,7 @@ Flow (``run_synthesize``)::
        (multilingual-e5-small) -> QEStage (text checks)
     -> streamed to the driver block by block; each shard whose sentences have all arrived is
        assembled (embedding checks within the shard) and committed at once by ShardedWriter
-       (data + quarantine, then the shard marker)
+       (data + quarantine + parallel, then the shard marker)
     -> report -> manifest (counts per language, rows_in == kept + quarantined checked)
 
 **Translation backend.** Two interchangeable stages produce the same columns:
@@ -67,7 +67,7 @@ from workflows.synthesize.stages import (GENERATED_TEXT, MAX_TOKENS, NUM_GENERAT
 
 log = logging.getLogger(__name__)
 
-DATA, QUARANTINE = "data", "quarantine"
+DATA, QUARANTINE, PARALLEL = "data", "quarantine", "parallel"
 
 
 def translator_config(config: SynthesizeConfig) -> dict[str, Any]:
@@ -192,7 +192,8 @@ def _check_existing(writer: storage.ShardedWriter, chash: str) -> dict[str, dict
 
 
 def _counts(shards: dict[str, dict[str, Any]], langs: list[str]) -> dict[str, dict[str, int]]:
-    counts = {lang: {"rows_in": 0, "kept": 0, "quarantined": 0, "malformed": 0} for lang in langs}
+    counts = {lang: {"rows_in": 0, "kept": 0, "quarantined": 0, "malformed": 0, "parallel_sentences": 0}
+              for lang in langs}
     for meta in shards.values():
         for k in counts[meta["lang"]]:
             counts[meta["lang"]][k] += int(meta[k])
@@ -269,9 +270,13 @@ def run_synthesize(config: SynthesizeConfig) -> dict[str, Any]:
         if data.height + quarantine.height != rows_in:
             raise RuntimeError(f"shard {shard.name}: {data.height} kept + {quarantine.height} quarantined "
                                f"!= {rows_in} rows in")
-        writer.write(shard.name, {DATA: data.to_arrow(), QUARANTINE: quarantine.to_arrow()}, meta)
+        parallel = R.parallel_sentences(data, quarantine, table.kind)
+        meta["parallel_sentences"] = parallel.height
+        writer.write(shard.name, {DATA: data.to_arrow(), QUARANTINE: quarantine.to_arrow(),
+                                  PARALLEL: parallel.to_arrow()}, meta)
         written.append(shard.name)
-        log.info("committed shard %s: %d kept, %d quarantined", shard.name, data.height, quarantine.height)
+        log.info("committed shard %s: %d kept, %d quarantined, %d parallel sentences", shard.name, data.height,
+                 quarantine.height, parallel.height)
 
     if todo:
         sentences = R.unique_sentences(inputs, todo)

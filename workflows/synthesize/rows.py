@@ -9,6 +9,9 @@
   of the shard (cosine floor, ratio margin within the shard, pair consistency) and splits kept
   from quarantined rows: a row is kept only when every check of every sentence passed; labels
   and scores carry over.
+* :func:`parallel_sentences` lists every translated sentence that passed all of its own checks,
+  from kept and quarantined rows alike: the parallel data for training (a row-level failure,
+  pair consistency, says the pair's label does not carry over, not that its sentences are wrong).
 
 Quarantined rows carry ``reasons``: ``list<struct{code, column, detail, value, threshold}>``
 (one entry per failed check and column; ``column`` is the sentence column, or ``row`` for
@@ -238,6 +241,40 @@ def assemble(table: InputTable, shard: Shard, translations: pl.DataFrame, source
                                                dtype=pl.String))
     quarantine = pl.concat([rejected, _malformed_rows(bad, meta, failure)], how="diagonal_relaxed").sort(ROW_ID)
     return kept, quarantine
+
+
+PARALLEL_COLUMNS = ("row_id", "column", "source_sentence", "sentence", TARGET_LANG, COSINE, MARGIN)
+
+
+def parallel_sentences(kept: pl.DataFrame, quarantine: pl.DataFrame, kind: str) -> pl.DataFrame:
+    """One row per (row, sentence column) whose translation passed every check of that sentence.
+
+    Columns: ``row_id``, ``column`` (the sentence column it came from), ``source_sentence`` (the
+    English original), ``sentence`` (the translation), ``target_lang``, ``cosine`` and ``margin``
+    (null where the embedding checks did not run). A sentence is taken from a quarantined row when
+    that row's ``qe_<column>`` list is empty: its failures were another sentence's or the row's
+    (pair consistency). Malformed rows have no translation and give nothing.
+    """
+    parts = []
+    for frame in (kept, quarantine):
+        for c in TEXT_COLUMNS[kind]:
+            if c not in frame.columns or f"source_{c}" not in frame.columns:
+                continue
+            ok = pl.col(f"source_{c}").is_not_null() & pl.col(c).is_not_null()
+            if f"{QE}_{c}" in frame.columns:
+                ok = ok & (pl.col(f"{QE}_{c}").list.len().fill_null(0) == 0)
+            parts.append(frame.filter(ok).select(
+                pl.col(ROW_ID), pl.lit(c).alias("column"), pl.col(f"source_{c}").alias("source_sentence"),
+                pl.col(c).alias("sentence"), pl.col(TARGET_LANG),
+                (pl.col(f"{COSINE}_{c}") if f"{COSINE}_{c}" in frame.columns else pl.lit(None)).cast(pl.Float64)
+                .alias(COSINE),
+                (pl.col(f"{MARGIN}_{c}") if f"{MARGIN}_{c}" in frame.columns else pl.lit(None)).cast(pl.Float64)
+                .alias(MARGIN)))
+    schema = {ROW_ID: pl.Int64, "column": pl.String, "source_sentence": pl.String, "sentence": pl.String,
+              TARGET_LANG: pl.String, COSINE: pl.Float64, MARGIN: pl.Float64}
+    if not parts:
+        return pl.DataFrame(schema=schema)
+    return pl.concat([p.cast(schema) for p in parts]).sort(ROW_ID, "column")
 
 
 def _malformed_rows(bad: pl.DataFrame, meta: list[pl.Expr], failure: pl.DataType) -> pl.DataFrame:
