@@ -48,6 +48,7 @@ class CipherAgentConfig(StrictModel):
         "auto", description="Weights dtype; auto: bfloat16 on GPUs and CPUs with native bf16, float32 elsewhere")
     torch_threads: int | None = Field(None, ge=1, description="torch threads; None: ceil(num_cpus)")
     num_cpus: float = Field(1, gt=0, description="CPUs this agent asks Ray for")
+    num_gpus: float = Field(0, ge=0, description="GPUs this agent asks Ray for; > 0: the model decodes on CUDA")
     max_context_tokens: int = Field(2048, ge=64, description="Most prompt + generated positions per sequence")
 
 
@@ -93,14 +94,18 @@ class CipherAgent:
         self.config = config
         torch.set_num_threads(config.torch_threads or max(1, math.ceil(config.num_cpus)))
         start = time.perf_counter()
+        if config.num_gpus > 0 and not torch.cuda.is_available():
+            raise EngineError(f"CIPHER agent {config.model!r} asks for num_gpus={config.num_gpus} but torch sees no CUDA "
+                              "device; set num_gpus: 0 to decode on CPU")
+        self.device = torch.device("cuda" if config.num_gpus > 0 else "cpu")
         self.model_path = resolve_model(config.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         from embedforge.hardware import resolve_dtype
 
-        self.dtype = resolve_dtype(config.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = resolve_dtype(config.dtype, self.device.type)
         dtype = getattr(torch, self.dtype)
-        log.info("CIPHER agent %s: dtype %s (asked %s)", config.model, self.dtype, config.dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).eval()
+        log.info("CIPHER agent %s: dtype %s (asked %s) on %s", config.model, self.dtype, config.dtype, self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).to(self.device).eval()
         emb = self.model.get_input_embeddings()
         scale = float(getattr(emb, "embed_scale", 1.0))
         self.embedding_matrix = emb.weight.detach().float() * scale
@@ -136,7 +141,7 @@ class CipherAgent:
             return self.embedding_matrix
         if path not in self._receivers:
             check_same_tokenizer(self.tokenizer, AutoTokenizer.from_pretrained(path), self.config.model, source)
-            matrix = read_embedding_matrix(path)
+            matrix = read_embedding_matrix(path).to(self.device)
             if matrix.shape != self.embedding_matrix.shape:
                 raise EngineError(f"receiver {source!r} embedding matrix is {tuple(matrix.shape)}, this agent's is "
                                   f"{tuple(self.embedding_matrix.shape)}; CIPHER agents need the same vocab and hidden size")
@@ -156,8 +161,8 @@ class CipherAgent:
         for s in segments:
             if isinstance(s, Vectors):
                 # Vectors arrive as read-only numpy arrays from Ray's object store: copy them.
-                v = s.data.float() if isinstance(s.data, torch.Tensor) else torch.tensor(np.asarray(s.data),
-                                                                                         dtype=torch.float32)
+                v = (s.data.float() if isinstance(s.data, torch.Tensor) else
+                     torch.tensor(np.asarray(s.data), dtype=torch.float32)).to(self.device)
                 if v.ndim != 2 or v.shape[1] != hidden:
                     raise InputError(f"vector segment from agent {s.sender} has shape {tuple(v.shape)}; expected "
                                      f"[n, {hidden}] for model {self.config.model!r}")
@@ -165,7 +170,7 @@ class CipherAgent:
             else:
                 ids = self.tokenizer(s, add_special_tokens=False)["input_ids"]
                 n_text += len(ids)
-                parts.append(self.embedding_matrix[torch.tensor(ids, dtype=torch.long)])
+                parts.append(self.embedding_matrix[torch.tensor(ids, dtype=torch.long, device=self.device)])
         if not parts:
             raise InputError("empty prompt: no text and no vectors")
         return torch.cat(parts), n_text
@@ -177,8 +182,9 @@ class CipherAgent:
 
         length = max(s.shape[0] for s in sequences)
         hidden = sequences[0].shape[1]
-        embeds = torch.zeros(len(sequences), length, hidden)
-        mask = torch.zeros(len(sequences), length, dtype=torch.long)
+        device = sequences[0].device
+        embeds = torch.zeros(len(sequences), length, hidden, device=device)
+        mask = torch.zeros(len(sequences), length, dtype=torch.long, device=device)
         for i, s in enumerate(sequences):
             embeds[i, length - s.shape[0]:] = s
             mask[i, length - s.shape[0]:] = 1
@@ -189,23 +195,32 @@ class CipherAgent:
     def generate(
         self,
         prompts: Sequence[Sequence[Any]],
-        temperature: float,
+        temperature: float | Sequence[float],
         max_tokens: int,
         receivers: dict[str, Any] | None = None,
     ) -> list[dict[str, Any]]:
         """CIPHER-decode a batch of segment prompts.
+
+        ``temperature``: one for the batch or one per prompt (agents at different temperatures in
+        one lock-step batch: fewer forward passes than one batch per agent).
 
         ``receivers`` maps receiver names to embedding matrices. Returns per prompt: ``tokens``
         (nearest-vocabulary ids), ``text``, ``embeddings`` (fed-back vectors, own space,
         [n, hidden]), ``messages`` (receiver name -> [n, hidden]), ``prompt_tokens``,
         ``prompt_length`` (text tokens + vector positions) and ``stopped`` (EOS reached).
         """
+        import numpy as np
         import torch
 
         from embedforge.cipher import cipher_step
 
         if max_tokens < 1:
             raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
+        if not isinstance(temperature, (int, float)):
+            temperature = [float(t) for t in temperature]
+            if len(temperature) != len(prompts):
+                raise InputError(f"{len(temperature)} temperatures for {len(prompts)} prompts")
+            temperature = torch.tensor(temperature, device=self.device)
         assembled = [self.assemble(p) for p in prompts]
         for i, (seq, _) in enumerate(assembled):
             if seq.shape[0] + max_tokens > self.config.max_context_tokens:
@@ -216,7 +231,7 @@ class CipherAgent:
         receivers = receivers or {}
         batch = len(prompts)
         steps: list[dict[str, Any]] = []
-        active = torch.ones(batch, dtype=torch.bool)
+        active = torch.ones(batch, dtype=torch.bool, device=self.device)
         with torch.inference_mode():
             out = self.model(inputs_embeds=embeds.to(dtype), attention_mask=mask, position_ids=positions,
                              use_cache=True, logits_to_keep=1)
@@ -231,30 +246,39 @@ class CipherAgent:
                 positions = positions[:, -1:] + 1
                 out = self.model(inputs_embeds=s["embedding"][:, None].to(dtype), attention_mask=mask,
                                  position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
+        # one device-to-host copy per tensor kind; a row stays active for a prefix of the steps
+        hidden = self.embedding_matrix.shape[1]
+        tokens_all = torch.stack([st["token"] for st in steps]).cpu()            # [steps, batch]
+        active_all = torch.stack([st["active"] for st in steps]).cpu()          # [steps, batch]
+        emb_all = torch.stack([st["embedding"] for st in steps]).cpu().numpy()  # [steps, batch, hidden]
+        msg_all = {name: (emb_all if all(st["messages"][name] is st["embedding"] for st in steps) else
+                          torch.stack([st["messages"][name] for st in steps]).cpu().numpy()) for name in receivers}
         results = []
         for i in range(batch):
-            kept = [st for st in steps if st["active"][i]]
-            tokens = [int(st["token"][i]) for st in kept]
-            stack = (lambda xs: torch.stack(xs).numpy() if xs else torch.zeros(0, self.embedding_matrix.shape[1]).numpy())
+            n = int(active_all[:, i].sum())
+            tokens = tokens_all[:n, i].tolist()
             results.append({
                 "tokens": tokens,
                 "text": self.tokenizer.decode(tokens, skip_special_tokens=True),
-                "embeddings": stack([st["embedding"][i] for st in kept]),
-                "messages": {name: stack([st["messages"][name][i] for st in kept]) for name in receivers},
+                "embeddings": emb_all[:n, i].copy() if n else np.zeros((0, hidden), dtype=np.float32),
+                "messages": {name: m[:n, i].copy() if n else np.zeros((0, hidden), dtype=np.float32)
+                             for name, m in msg_all.items()},
                 "prompt_tokens": assembled[i][1],
                 "prompt_length": int(assembled[i][0].shape[0]),
-                "stopped": len(kept) < len(steps),
+                "stopped": n < len(steps),
             })
         return results
 
     def respond(
         self,
         conversations: Sequence[Sequence[Any]],
-        temperature: float,
+        temperature: float | Sequence[float],
         max_tokens: int,
         receivers: dict[str, str] | None = None,
     ) -> list[Any]:
         """One debate round for a batch of conversations (lists of ``Turn``) -> ``AgentReply`` each.
+
+        ``temperature``: one for all conversations or one per conversation.
 
         ``receivers`` maps receiver names (how the debate names agents' models) to model sources;
         each reply's ``vectors`` holds the message averaged over every receiver's matrix.
@@ -270,6 +294,6 @@ class CipherAgent:
                            vectors=o["messages"], seconds=seconds) for o in outs]
 
     def describe(self) -> dict[str, Any]:
-        return {"model": self.config.model, "path": self.model_path, "eos_ids": self.eos_ids,
+        return {"model": self.config.model, "path": self.model_path, "eos_ids": self.eos_ids, "device": str(self.device),
                 "vocab": int(self.embedding_matrix.shape[0]), "hidden": int(self.embedding_matrix.shape[1]),
                 "config": json.loads(self.config.model_dump_json())}

@@ -29,11 +29,27 @@ class TokenizerMismatchError(ConfigError):
     """Two agents do not share a tokenizer, so vectors cannot be exchanged."""
 
 
-def token_distribution(logits: Any, temperature: float) -> Any:
-    """softmax(logits / T) over the last dim, in float32; ``T = 0`` gives the argmax one-hot."""
+def token_distribution(logits: Any, temperature: Any) -> Any:
+    """softmax(logits / T) over the last dim, in float32; ``T = 0`` gives the argmax one-hot.
+
+    ``temperature`` is a float or, for a batch [batch, vocab], one temperature per row (a sequence
+    or a [batch] tensor), so agents at different temperatures can decode in one batch.
+    """
     import torch
 
     logits = logits.float()
+    if not isinstance(temperature, (int, float)):
+        t = torch.as_tensor(temperature, dtype=torch.float32, device=logits.device).reshape(-1)
+        if t.shape[0] != logits.shape[0] or logits.ndim != 2:
+            raise ValueError(f"{t.shape[0]} temperatures for logits of shape {tuple(logits.shape)}")
+        if bool((t < 0).any()):
+            raise ValueError(f"temperatures must be >= 0, got {t.tolist()}")
+        probs = torch.softmax(logits / t.clamp(min=1e-6)[:, None], dim=-1)
+        greedy = t == 0
+        if bool(greedy.any()):
+            one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+            probs = torch.where(greedy[:, None], one_hot, probs)
+        return probs
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
@@ -41,7 +57,7 @@ def token_distribution(logits: Any, temperature: float) -> Any:
     return torch.softmax(logits / temperature, dim=-1)
 
 
-def expected_embedding(logits: Any, embedding_matrix: Any, temperature: float) -> Any:
+def expected_embedding(logits: Any, embedding_matrix: Any, temperature: Any) -> Any:
     """``softmax(logits / T) @ E``: [..., vocab] x [vocab, hidden] -> [..., hidden]."""
     probs = token_distribution(logits, temperature)
     if probs.shape[-1] != embedding_matrix.shape[0]:
@@ -77,7 +93,7 @@ def is_stop(token_ids: Any, eos_ids: Iterable[int]) -> Any:
 def cipher_step(
     logits: Any,
     own_matrix: Any,
-    temperature: float,
+    temperature: Any,
     eos_ids: Iterable[int],
     receiver_matrices: dict[str, Any] | None = None,
     own_unit_rows: Any | None = None,
@@ -86,12 +102,13 @@ def cipher_step(
 
     Returns ``embedding`` (fed back to the sender, over its own matrix), ``token`` (nearest own
     vocabulary id), ``stop`` (nearest is EOS) and ``messages`` (per receiver model, the same
-    distribution averaged over that receiver's matrix).
+    distribution averaged over that receiver's matrix; a receiver whose matrix *is* the sender's
+    gets ``embedding`` itself, not a second product). ``temperature``: a float or one per row.
     """
     probs = token_distribution(logits, temperature)
     own = probs @ own_matrix.float()
     token = nearest_tokens(own, own_matrix, own_unit_rows)
-    messages = {name: probs @ m.float() for name, m in (receiver_matrices or {}).items()}
+    messages = {name: own if m is own_matrix else probs @ m.float() for name, m in (receiver_matrices or {}).items()}
     return {"embedding": own, "token": token, "stop": is_stop(token, eos_ids), "messages": messages}
 
 

@@ -1,7 +1,8 @@
 """Debate evaluation: ``python -m jobs.debate_eval --config configs/debate_eval.yaml [--set a.b=c] [--dry-run]``.
 
-CIPHER vs natural-language debate vs a single agent on GSM8K test problems and seeded arithmetic;
-prints the accuracy table and where the report and plot were committed.
+CIPHER vs natural-language debate vs a single agent on GSM8K problems and seeded arithmetic (the dev
+pool with ``--set data.split=dev``); prints the accuracy table, the paired tests and where the report and
+plot were committed. With ``max_seconds`` it stops early; the same command continues where it stopped.
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ def debate_eval(config: DebateEvalConfig) -> int:
 
     summary = run_debate_eval(config)
     print(summary["report"])
+    if not summary["complete"]:
+        print(f"output: {summary['output']} NOT complete ({summary['batches_done']}/{summary['batches_total']} "
+              "batches); rerun the same command to continue")
+        return 0
     print(f"output: {summary['output']} (committed)")
     for name in ("report.md", "accuracy.png", "summary.json", "results.parquet"):
         print(f"{name}: {storage.join(summary['output'], name)}")

@@ -75,7 +75,8 @@ def tiny_paths(tmp_path_factory):
 def tiny_agent(tiny_paths):
     from actors.cipher_agent import CipherAgent, CipherAgentConfig
 
-    return CipherAgent(CipherAgentConfig(model=tiny_paths["a"], torch_threads=1, max_context_tokens=512))
+    return CipherAgent(CipherAgentConfig(model=tiny_paths["a"], dtype="float32", torch_threads=1,
+                                         max_context_tokens=512))
 
 
 # ---------------------------------------------------------------------------------------------- pure
@@ -124,24 +125,66 @@ def test_majority_vote_and_final_answer():
         P.check_debate("single", 2, 1)
 
 
-def test_round_conversations_text_and_vectors():
+def test_vote_names_ties_and_tie_rules():
+    v = P.vote(["3", "4", "4"])
+    assert (v.answer, v.tie, v.counts) == ("4", False, {"3": 1, "4": 2})
+    # Du et al.'s most_frequent: the tied answer given first in agent order wins
+    v = P.vote(["7", None, "5"])
+    assert (v.answer, v.tie, v.tied) == ("7", True, ["7", "5"])
+    v = P.vote(["7", "5", "5", "7"])
+    assert (v.answer, v.tie, v.tied) == ("7", True, ["7", "5"])
+    assert P.vote(["7", "5", "6"], "lowest_temperature", [1.0, 0.2, 0.5]).answer == "5"
+    assert P.vote(["7", "7", "5", "5"], "lowest_temperature", [1.0, 1.0, 1.0, 0.2]).answer == "5"
+    v = P.vote(["7", "5"], "none")
+    assert v.answer is None and v.tie
+    with pytest.raises(ValueError, match="one temperature per answer"):
+        P.vote(["1", "2"], "lowest_temperature")
+    # CIPHER: the lowest temperature's answer unless majority is asked; the tally is kept either way
+    d = P.decide("cipher", [1.0, 0.2, 1.0], ["9", "7", "9"])
+    assert d.answer == "7" and d.counts == {"9": 2, "7": 1} and not d.tie
+    assert P.decide("cipher", [1.0, 0.2, 1.0], ["9", "7", "9"], cipher_final="majority").answer == "9"
+    assert P.decide("natural", [1.0] * 3, ["1", "2", "3"], tie_break="none").answer is None
+    assert P.decide("natural", [1.0] * 3, ["1", "2", "3"]).tie
+
+
+def _replies(round_: int, n: int):
+    return [[P.AgentReply(f"agent {i} round {round_} #### {10 * round_ + i}", 5)] for i in range(n)]
+
+
+def test_full_history_as_du_et_al():
+    """Du et al.'s contexts: [user q, (assistant own_r, user others_r) per past round]."""
+    q = "What is the result of 1+2*3?"
+    history = [_replies(0, 3), _replies(1, 3)]
+    convs = P.next_round([q], "natural", ["m"] * 3, history, prompts="du_arithmetic")
+    assert len(convs) == 3
+    turns = convs[1][0]
+    assert [t.role for t in turns] == ["user", "assistant", "user", "assistant", "user"]
+    assert turns[0].text() == f"{q} Make sure to state your answer at the end of the response."
+    assert turns[1].text() == "agent 1 round 0 #### 1" and turns[3].text() == "agent 1 round 1 #### 11"
+    others0, others1 = turns[2].text(), turns[4].text()
+    assert others0.startswith("These are the recent/updated opinions from other agents: ")
+    assert "```agent 0 round 0 #### 0```" in others0 and "```agent 2 round 0 #### 2```" in others0
+    assert "agent 1 round" not in others0 and "round 1" not in others0
+    assert "```agent 0 round 1 #### 10```" in others1 and others1.index("agent 0") < others1.index("agent 2")
+    # history="last": only the previous round (the question, own last answer, the others' last answers)
+    last = P.next_round([q], "natural", ["m"] * 3, history, prompts="du_arithmetic", memory="last")[1][0]
+    assert [t.role for t in last] == ["user", "assistant", "user"] and last[1].text() == turns[3].text()
+    assert last[2].text() == turns[4].text()
+    # the GSM prompts repeat the original problem in every update turn (Du et al.'s gen_gsm.py)
+    gsm = P.next_round(["Tom has 3 apples."], "natural", ["m"] * 3, history[:1], prompts="du_gsm")[0][0]
+    assert "\\boxed{answer}" in gsm[0].text() and "The original math problem is Tom has 3 apples.." in gsm[2].text()
+    with pytest.raises(ValueError, match="unknown prompt set"):
+        P.round_conversation(q, 0, None, prompts="nope")
+
+
+def test_cipher_history_carries_own_vectors():
+    """In CIPHER mode the agent's own past answers are its vectors, the others' are theirs, in round order."""
     q = "What is 1+2?"
-    first = P.next_round([q], "natural", ["m", "m"], None)
-    assert len(first) == 2 and [t.role for t in first[0][0]] == ["user"]
-    assert q in first[0][0][0].text()
-    replies = [[P.AgentReply("I say #### 3", 4)], [P.AgentReply("I say #### 4", 4)]]
-    second = P.next_round([q], "natural", ["m", "m"], replies)
-    turns = second[0][0]
-    assert [t.role for t in turns] == ["user", "assistant", "user"]
-    assert turns[1].text() == "I say #### 3"  # own previous answer
-    assert "I say #### 4" in turns[2].text() and "I say #### 3" not in turns[2].text()
-    vec = {"m": np.ones((2, 4)), "n": np.zeros((2, 4))}
-    vreplies = [[P.AgentReply("x", 2, vectors=vec)], [P.AgentReply("y", 2, vectors=vec)]]
-    cturns = P.next_round([q], "cipher", ["m", "n"], vreplies)
-    slots = [s for s in cturns[1][0][2].segments if isinstance(s, P.Vectors)]
-    assert len(slots) == 1 and slots[0].sender == 0 and np.all(slots[0].data == 0)  # receiver n's matrix
-    with pytest.raises(TypeError, match="vector segments"):
-        cturns[0][0][2].text()
+    history = [[[P.AgentReply("x", 2, vectors={"m": np.full((2, 4), 10.0 * r + i)})] for i in range(2)]
+               for r in range(2)]
+    turns = P.next_round([q], "cipher", ["m", "m"], history, prompts="du_gsm")[0][0]
+    slots = [s for t in turns for s in t.segments if isinstance(s, P.Vectors)]
+    assert [(s.sender, float(s.data[0, 0])) for s in slots] == [(0, 0.0), (1, 1.0), (0, 10.0), (1, 11.0)]
 
 
 def test_render_segments_places_vectors_inside_template():
@@ -208,6 +251,39 @@ def test_batched_left_padding_matches_single(tiny_agent):
     for b, a in zip(both, alone):
         assert b["tokens"] == a["tokens"]
         np.testing.assert_allclose(b["embeddings"], a["embeddings"], atol=1e-4)
+
+
+def test_mixed_temperature_batch_matches_separate_batches(tiny_agent):
+    """Agents at different temperatures in one lock-step batch decode exactly as in their own batches."""
+    prompts = [["what is 1 + 2"], ["solve the math problem of the agent what is 3 * 4 + 5"], ["what is 2 * 2"]]
+    temps = [0.0, 0.7, 1.5]
+    mixed = tiny_agent.generate(prompts, temperature=temps, max_tokens=4, receivers={})
+    for p, t, m in zip(prompts, temps, mixed):
+        alone = tiny_agent.generate([p], temperature=t, max_tokens=4, receivers={})[0]
+        assert m["tokens"] == alone["tokens"]
+        np.testing.assert_allclose(m["embeddings"], alone["embeddings"], atol=1e-4)
+    from embedforge.errors import InputError
+
+    with pytest.raises(InputError, match="2 temperatures for 3 prompts"):
+        tiny_agent.generate(prompts, temperature=[0.1, 0.2], max_tokens=2)
+
+
+def test_token_distribution_per_row_temperatures():
+    import torch
+
+    from embedforge import cipher as C
+
+    logits = torch.randn(3, 7)
+    rows = C.token_distribution(logits, [0.0, 0.5, 2.0])
+    assert torch.equal(rows[0], C.token_distribution(logits[:1], 0.0)[0])
+    assert torch.allclose(rows[1], torch.softmax(logits[1] / 0.5, -1)) and torch.allclose(rows[2], torch.softmax(
+        logits[2] / 2.0, -1))
+    with pytest.raises(ValueError, match="2 temperatures"):
+        C.token_distribution(logits, [0.1, 0.2])
+    E = torch.randn(7, 4)
+    step = C.cipher_step(logits, E, 0.5, [0], {"self": E, "other": E.clone()})
+    assert step["messages"]["self"] is step["embedding"]  # the sender's own matrix: no second product
+    assert torch.allclose(step["messages"]["other"], step["embedding"])
 
 
 def test_agent_eos_stop_rule(tiny_agent):
@@ -303,14 +379,15 @@ def test_cipher_debate_on_tiny_models(tiny_paths, tiny_agent):
     """Two heterogeneous agents (a, b), two rounds, in process: vectors flow in the receiver's space."""
     from actors.cipher_agent import CipherAgent, CipherAgentConfig
 
-    agent_b = CipherAgent(CipherAgentConfig(model=tiny_paths["b"], torch_threads=1, max_context_tokens=512))
+    agent_b = CipherAgent(CipherAgentConfig(model=tiny_paths["b"], dtype="float32", torch_threads=1,
+                                         max_context_tokens=512))
     agents, models = [tiny_agent, agent_b], ["a", "b"]
     receivers = {"a": tiny_paths["a"], "b": tiny_paths["b"]}
-    previous = None
+    history: list = []
     for r in range(2):
-        convs = P.next_round(["what is 1 + 2 * 3"], "cipher", models, previous)
-        previous = [ag.respond(c, t, 3, receivers) for ag, c, t in zip(agents, convs, (0.1, 1.0))]
-        for reply in (p[0] for p in previous):
+        convs = P.next_round(["what is 1 + 2 * 3"], "cipher", models, history)
+        history.append([ag.respond(c, t, 3, receivers) for ag, c, t in zip(agents, convs, (0.1, 1.0))])
+        for reply in (p[0] for p in history[-1]):
             assert set(reply.vectors) == {"a", "b"} and reply.vectors["a"].shape[0] == reply.completion_tokens
     slots = [s for s in convs[1][0][2].segments if isinstance(s, P.Vectors)]
     assert slots and slots[0].sender == 0
@@ -496,7 +573,7 @@ def test_configs_validate_and_bad_config_exits_2():
     from workflows.debate.config import DebateConfig, DebateEvalConfig
 
     assert load_config(DebateConfig, REPO / "configs" / "debate.yaml").defaults.rounds == 3
-    assert load_config(DebateEvalConfig, REPO / "configs" / "debate_eval.yaml").data.gsm8k_limit == 20
+    assert load_config(DebateEvalConfig, REPO / "configs" / "debate_eval.yaml").data.split == "test"
     assert eval_main(["--config", str(REPO / "configs" / "debate_eval.yaml"), "--set", "temperatures=[0.2]"]) == 2
     assert debate_main(["--config", str(REPO / "configs" / "debate.yaml"), "--set", "limits.max_rounds=2"]) == 2
     assert eval_main(["--config", str(REPO / "configs" / "debate_eval.yaml"), "--dry-run"]) == 0
@@ -520,6 +597,165 @@ def test_arithmetic_wilson_summary_and_plot(tmp_path):
     assert "| arithmetic | cipher | 2 | 0.500 |" in E.markdown_table(rows)
     E.plot_accuracy(rows, str(tmp_path / "a.png"))
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class FakeDebater:
+    """A fake model for the protocol: answers from the conversation it gets, and records every call.
+
+    Round 0: agent k (by temperature order within a call) answers ``answers0[k]``; later rounds: the
+    most common answer among the 'other agents' quoted in its last user turn (it is persuaded).
+    """
+
+    def __init__(self, answers0, by_temperature=None):
+        self.answers0 = answers0
+        self.by_temperature = by_temperature or {}
+        self.calls = []
+
+    def respond(self, conversations, temperature, max_tokens, receivers=None):
+        self.calls.append({"n": len(conversations), "temperature": temperature,
+                           "turns": [len(c) for c in conversations]})
+        out = []
+        for k, turns in enumerate(conversations):
+            if len(turns) == 1:
+                answer = (self.by_temperature.get(temperature) if isinstance(temperature, float) else None) \
+                    or self.answers0[k]
+            else:
+                quoted = re.findall(r"#### (\d+)", turns[-1].text())
+                answer = max(quoted, key=quoted.count)
+            out.append(P.AgentReply(f"so #### {answer}", 3, prompt_tokens=sum(len(t.text()) for t in turns)))
+        return out
+
+
+def test_debate_batch_on_a_fake_model_runs_du_protocol():
+    from workflows.debate import evaluate as E
+    from workflows.debate.config import DebateEvalConfig
+
+    cfg = DebateEvalConfig.model_validate({"natural_temperatures": [1.0, 1.0, 1.0], "rounds": 2})
+    problems = [{"qid": "q0", "dataset": "arithmetic", "question": "What is the result of 1+2?", "gold": "3"}]
+    # three agents at one temperature share one call per round; round 1 sees the full history
+    fake = FakeDebater(["3", "4", "4"])
+    out = E.debate_batch(fake, "natural", problems, [1.0, 1.0, 1.0], 2, 8, "m", None, 10, cfg)[0]
+    assert [c["n"] for c in fake.calls] == [3, 3] and [c["turns"] for c in fake.calls] == [[1, 1, 1], [3, 3, 3]]
+    assert [m["answer"] for m in out["transcript"][0]] == ["3", "4", "4"]
+    # agent 0 reads 4 and 4 -> 4; agents 1 and 2 read 3 and 4 -> a tie in the quotes, the first quoted wins
+    assert out["agent_answers"] == ["4", "3", "3"] and out["final_answer"] == "3" and not out["tie"]
+    assert out["votes"] == {"4": 1, "3": 2}
+    # CIPHER: both agents in one call, one temperature per conversation; final = the low-temperature agent
+    fake = FakeDebater(["5", "6"])
+    out = E.debate_batch(fake, "cipher", problems, [0.2, 1.0], 1, 8, "m", {"m": "m"}, 10, cfg)[0]
+    assert fake.calls[0]["temperature"] == [0.2, 1.0] and out["final_answer"] == "5" and out["tie"]
+    # a natural-debate tie is named and resolved by agent order (Du et al.)
+    fake = FakeDebater([], by_temperature={0.2: "7", 1.0: "8"})
+    out = E.debate_batch(fake, "natural", problems, [0.2, 1.0], 1, 8, "m", None, 10, cfg)[0]
+    assert out["tie"] and out["final_answer"] == "7" and len(fake.calls) == 2  # two temperatures: two calls
+
+
+def test_arithmetic_pools_are_disjoint_and_exact():
+    from workflows.debate import evaluate as E
+    from workflows.debate.config import EvalDataConfig
+
+    assert E.evaluate_expression("3+4*5-2*6") == 11 and E.evaluate_expression("7") == 7
+    with pytest.raises(ValueError, match="not an expression"):
+        E.evaluate_expression("__import__('os')")
+    data = EvalDataConfig(split="test", gsm8k_limit=0, arithmetic_count=300, arithmetic_max=10,
+                          arithmetic_form="three", dev_count=200)
+    final = E.eval_problems(data)
+    dev = E.eval_problems(data.model_copy(update={"split": "dev"}))
+    assert len(final) == 300 and len(dev) == 200
+    fe, de = {p["expression"] for p in final}, {p["expression"] for p in dev}
+    assert len(fe) == 300 and len(de) == 200 and not fe & de  # distinct, and never a dev item
+    assert all(int(p["gold"]) == int(a) + int(b) * int(c) for p in final
+               for a, b, c in [re.fullmatch(r"(\d)\+(\d)\*(\d)", p["expression"]).groups()])
+    assert final[0]["question"] == f"What is the result of {final[0]['expression']}?"
+    with pytest.raises(ValueError, match="only"):
+        E.arithmetic_problems(1001, 0, 10, "{}+{}*{}")
+
+
+def test_paired_tests_mcnemar_and_bootstrap():
+    from workflows.debate import evaluate as E
+
+    # 10 items: cipher right on 6, natural on 3; cipher only on 4, natural only on 1
+    c = [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
+    n = [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]
+    recs = [{"qid": f"q{i}", "dataset": "arithmetic", "mode": m, "correct": bool(x)}
+            for m, xs in (("cipher", c), ("natural", n)) for i, x in enumerate(xs)]
+    rows = {(r["dataset"], r["a"], r["b"]): r for r in E.paired_tests(recs, 2000)}
+    r = rows[("all", "cipher", "natural")]
+    assert (r["n"], r["only_a"], r["only_b"], r["both"], r["neither"]) == (10, 4, 1, 2, 3)
+    assert abs(r["mcnemar_p"] - 0.375) < 1e-9  # 2 * P(X <= 1), X ~ Bin(5, 1/2) = 2 * 6/32
+    assert abs(r["diff"] - 0.3) < 1e-12 and r["bootstrap_low"] < 0.3 < r["bootstrap_high"]
+    assert E.mcnemar_exact(0, 0) == 1.0
+    assert "| all | cipher vs natural | 10 |" in E.paired_table(list(rows.values()))
+
+
+def test_eval_resumes_from_parts_and_refuses_another_config(tmp_path):
+    """finish() gathers finished batches; a rerun plan with another configuration is refused."""
+    from embedforge import storage
+    from embedforge.errors import ConfigError
+    from workflows.debate import evaluate as E
+    from workflows.debate.config import DebateEvalConfig
+
+    cfg = DebateEvalConfig.model_validate({"data": {"gsm8k_limit": 0, "arithmetic_count": 4, "dev_count": 4,
+                                                    "arithmetic_form": "three", "arithmetic_max": 10},
+                                           "batch_size": 2, "output": str(tmp_path / "ev")})
+    problems = E.eval_problems(cfg.data)
+    plan = E._plan(cfg, problems)
+    parts = storage.join(cfg.output, "parts")
+    E._check_plan(parts, plan)
+    E._check_plan(parts, plan)  # the same plan again: fine
+    other = cfg.model_copy(update={"max_tokens": 7})
+    with pytest.raises(ConfigError, match="differs in: max_tokens"):
+        E._check_plan(parts, E._plan(other, problems))
+    batches = [problems[:2], problems[2:]]
+    part_uri = lambda mode, b: storage.join(parts, f"{mode}-{b:04d}.json")  # noqa: E731
+
+    def write(mode, b, correct, wall):
+        recs = [{**p, "mode": mode, "batch": b, "final_answer": "1", "correct": correct, "tie": False,
+                 "completion_tokens": 3, "prompt_tokens": 9, "seconds": wall / 2, "transcript": "[]"}
+                for p in batches[b]]
+        storage.write_json(part_uri(mode, b), {"mode": mode, "batch": b, "wall_s": wall, "records": recs})
+
+    write("cipher", 0, True, 6.0)
+    write("natural", 0, False, 2.0)
+    partial = E.finish(cfg, problems, plan, batches, part_uri)
+    assert not partial["complete"] and partial["manifest"] is None and "Incomplete: 2/6" in partial["report"]
+    for b in (0, 1):
+        write("single", b, b == 0, 1.0)
+    write("cipher", 1, False, 6.0)
+    write("natural", 1, True, 3.0)
+    done = E.finish(cfg, problems, plan, batches, part_uri)
+    assert done["complete"] and storage.read_manifest(cfg.output)["rows"] == 12
+    assert done["wall_time"]["ratio"] == pytest.approx(12.0 / 5.0) and done["wall_time"]["questions"] == 4
+    by = {(r["dataset"], r["mode"]): r for r in done["table"]}
+    assert by[("all", "cipher")]["accuracy"] == 0.5 and by[("all", "single")]["n"] == 4
+    assert {(t["a"], t["b"]) for t in done["paired_tests"]} == {("cipher", "natural"), ("cipher", "single"),
+                                                                 ("natural", "single")}
+    assert (Path(cfg.output) / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_agents_honor_num_gpus():
+    """agent_deployment.num_gpus reaches both agent kinds' replicas; a CIPHER agent asked for a GPU
+    without CUDA says so instead of silently decoding on CPU."""
+    from ray.serve.deployment import Application
+
+    from actors.cipher_agent import CipherAgent, CipherAgentConfig
+    from embedforge.errors import EngineError
+    from workflows.debate.app import build_debate_app
+    from workflows.debate.config import DebateConfig
+
+    config = DebateConfig.model_validate({"agent_deployment": {"num_cpus": 2, "num_gpus": 1},
+                                          "auth": {"mode": "disabled"}})
+    app = build_debate_app(config)
+    assert isinstance(app, Application)
+    handles = app._bound_deployment.init_args[1]
+    options = {name: h._bound_deployment.ray_actor_options for name, h in handles.items()}
+    assert options == {"cipher-smollm2-135m-instruct": {"num_cpus": 2, "num_gpus": 1},
+                       "text-smollm2-135m-instruct": {"num_cpus": 2, "num_gpus": 1}}
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="num_gpus=1.0 but torch sees no CUDA"):
+            CipherAgent(CipherAgentConfig(num_gpus=1))
 
 
 def test_gsm8k_problems_have_numeric_gold():

@@ -14,7 +14,8 @@ Request::
      "agents": [{"model": "smollm2-135m-instruct", "temperature": 0.2}, ...],
      "rounds": 3, "max_tokens": 128}
 
-Response: ``final_answer`` (CIPHER: the lowest-temperature agent's; natural: majority vote),
+Response: ``final_answer`` (CIPHER: the lowest-temperature agent's; natural: majority vote) and
+``vote`` (the last round's answer counts, whether the top count was tied),
 ``rounds[r].messages[i]`` (each agent's decoded message, its parsed answer, tokens, seconds),
 ``usage`` and ``timings``. Routes ``GET /v1/models`` and ``GET /healthz`` need no key.
 
@@ -57,25 +58,38 @@ def deployment_name(kind: str, model: str) -> str:
     return f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}"
 
 
+def assigned_gpus() -> list:
+    """GPU ids Ray assigned to the current actor or replica (empty outside Ray or without GPUs)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return []
+        return list(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
+    except Exception:  # noqa: BLE001 - outside a worker the runtime context has no accelerators
+        return []
+
+
 class DebateAgentServer:
     """One agent deployment: a CipherAgent (``kind='cipher'``) or a TextAgent (``kind='text'``)."""
 
     def __init__(self, kind: str, source: str, config_data: dict[str, Any]):
         config = DebateConfig.model_validate(config_data)
         self.kind = kind
+        dep = config.agent_deployment
+        # GPUs: the configured num_gpus, or those Ray gave this replica (a Serve config / RayService
+        # `deployments: ray_actor_options: {num_gpus: 1}` override changes the replica, not the YAML)
+        num_gpus = dep.num_gpus or float(len(assigned_gpus()))
         if kind == "cipher":
             from actors.cipher_agent import CipherAgent
 
             self.agent: Any = CipherAgent(config.cipher.model_copy(update={
-                "model": source, "num_cpus": config.agent_deployment.num_cpus,
-                "torch_threads": config.agent_deployment.torch_threads}))
+                "model": source, "num_cpus": dep.num_cpus, "num_gpus": num_gpus, "torch_threads": dep.torch_threads}))
         else:
             from actors.text_agent import TextAgent, TextAgentConfig
 
-            dep = config.agent_deployment
             self.agent = TextAgent(TextAgentConfig(engine=config.engine.model_copy(update={
-                "model": source, "num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus,
-                "num_threads": dep.torch_threads})))
+                "model": source, "num_cpus": dep.num_cpus, "num_gpus": num_gpus, "num_threads": dep.torch_threads})))
         # vLLM's LLM object is not thread-safe; CIPHER's torch forward passes are.
         self._lock = asyncio.Lock() if kind == "text" else None
 
@@ -132,7 +146,9 @@ def make_fastapi_app(config: DebateConfig) -> tuple[Any, type]:
             if len(body.question) > lim.max_question_chars:
                 raise RequestError(f"question has {len(body.question)} characters; at most {lim.max_question_chars}",
                                    param="question", code="question_too_long")
-            temps = cfg.defaults.temperatures if body.mode != "single" else [min(cfg.defaults.temperatures)]
+            d = cfg.defaults
+            temps = {"cipher": d.temperatures, "natural": d.natural_temperatures}.get(body.mode,
+                                                                                      [min(d.temperatures)])
             agents = [(a.model or cfg.default_model, a.temperature) for a in body.agents] if body.agents else \
                 [(cfg.default_model, t) for t in temps]
             for i, (model, _) in enumerate(agents):
@@ -175,12 +191,14 @@ def make_fastapi_app(config: DebateConfig) -> tuple[Any, type]:
             kind = "cipher" if body.mode == "cipher" else "text"
             models = [m for m, _ in agents]
             receivers = {m: self.config.models[m] for m in models} if kind == "cipher" else None
-            previous, transcript, round_s = None, [], []
+            d = self.config.defaults
+            history: list = []  # [round][agent][question=0]
+            transcript, round_s = [], []
             for r in range(rounds):
                 t0 = time.monotonic()
-                convs = P.next_round([body.question], body.mode, models, previous)
+                convs = P.next_round([body.question], body.mode, models, history, prompts=d.prompts, memory=d.history)
                 replies = await self._round(kind, [c[0] for c in convs], agents, max_tokens, receivers, deadline)
-                previous = replies  # [agent][question=0]
+                history.append(replies)
                 round_s.append(round(time.monotonic() - t0, 4))
                 transcript.append({"round": r, "messages": [
                     {"agent": i, "model": m, "temperature": t, "text": rep[0].text,
@@ -188,11 +206,14 @@ def make_fastapi_app(config: DebateConfig) -> tuple[Any, type]:
                      "prompt_tokens": rep[0].prompt_tokens, "seconds": round(rep[0].seconds, 4)}
                     for i, ((m, t), rep) in enumerate(zip(agents, replies, strict=True))]})
             answers = [msg["answer"] for msg in transcript[-1]["messages"]]
+            decision = P.decide(body.mode, [t for _, t in agents], answers, cipher_final=d.cipher_final,
+                                tie_break=d.tie_break)
             prompt = sum(msg["prompt_tokens"] for rnd in transcript for msg in rnd["messages"])
             completion = sum(msg["completion_tokens"] for rnd in transcript for msg in rnd["messages"])
             return {
                 "id": f"debate-{uuid.uuid4().hex[:16]}", "object": "debate", "mode": body.mode,
-                "final_answer": P.final_answer(body.mode, [t for _, t in agents], answers),
+                "final_answer": decision.answer,
+                "vote": {"counts": decision.counts, "tie": decision.tie, "tied": decision.tied},
                 "agents": [{"model": m, "temperature": t} for m, t in agents],
                 "rounds": transcript,
                 "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -228,7 +249,7 @@ def build_debate_app(config: DebateConfig) -> Any:
             dname = deployment_name(kind, name)
             handles[dname] = serve.deployment(
                 DebateAgentServer, name=dname,
-                ray_actor_options={"num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus if kind == "text" else 0},
+                ray_actor_options={"num_cpus": dep.num_cpus, "num_gpus": dep.num_gpus},
                 max_ongoing_requests=dep.max_ongoing_requests, max_queued_requests=dep.max_queued_requests,
                 autoscaling_config=scale.model_dump(),
             ).bind(kind, source, data)
@@ -263,7 +284,8 @@ def run_debate_service(config: DebateConfig) -> dict[str, Any]:
     from workflows.serve.endpoint import endpoint_url, wait_healthy
 
     init_ray(config.ray)
-    check_resources(config.agent_deployment.num_cpus, 0, "debate agent deployment", config.ray.fail_fast_on_missing_gpus)
+    check_resources(config.agent_deployment.num_cpus, config.agent_deployment.num_gpus, "debate agent deployment",
+                    config.ray.fail_fast_on_missing_gpus)
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     serve.run(build_debate_app(config), name=config.serve.app_name, route_prefix=config.http.route_prefix,
               blocking=False)
