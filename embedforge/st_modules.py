@@ -112,6 +112,120 @@ class MultiLayerAttentionPooling(Module):
 
 
 
+class GEGLU(nn.Module):
+    """GELU-gated linear unit: ``x * gelu(gate)`` over the two halves of the last dimension."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = x.chunk(2, dim=-1)
+        return x * torch.nn.functional.gelu(gate)
+
+
+def latent_cross_attention(latents: Tensor, context: Tensor, to_q: nn.Linear, to_kv: nn.Linear, to_out: nn.Linear,
+                           num_heads: int) -> Tensor:
+    """Multi-head attention of ``latents`` (B, n, d) over ``context`` (B, L, d), no mask: ``to_out(softmax(QK^T /
+    sqrt(head_dim)) V)`` with Q from the latents and K, V from the context."""
+    q = to_q(latents)
+    k, v = to_kv(context).chunk(2, dim=-1)
+    b = q.shape[0]
+    q, k, v = (t.reshape(b, t.shape[1], num_heads, -1).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return to_out(out.transpose(1, 2).reshape(b, latents.shape[1], -1))
+
+
+class MultiLayerTrainablePooling(Module):
+    """Multi-Layers Trainable Pooling as the paper's official code computes it.
+
+    Tang & Yang 2024, "Pooling And Attention: What Are Effective Designs For LLM-Based Embedding
+    Models?" (arXiv:2409.02727); code: yixuantt/PoolingAndAttn, ``pooling_layers/
+    MultiLayersTrainablePooling.py`` (``PerceiverResampler``) fed by ``model3_trainer.py``::
+
+        h_l = summary(hidden_l) + P[l]                        l = 1..L (the embedding output is left out)
+        x   = latents                                          (n, d) learned, N(0, 1) at init
+        x   = Attn(q = LN_q(x), k = v = LN_h([h_1..h_L])) + x   multi-head, no bias, no mask
+        x   = FF(LN_f(x)) + x                                  FF: Linear(d, 2 m d) -> GEGLU -> Linear(m d, d)
+        e   = normalize(mean over the n latents of x)
+
+    ``summary`` is the last token of each layer (``hidden_states[l][:, -1]`` in the official code,
+    which relies on left padding; here the last non-padding token, right or left padding alike),
+    or, as an option that is **not** the paper's, the masked mean over the layer's tokens.
+    ``P`` is the official code's trainable layer-position embedding (``pos_emb``).
+
+    Deviation, for CPU-sized models: the official module hard-codes 32 heads of 2048 dimensions
+    (an inner width of 65,536: about 150M parameters on a 576-wide model, more than SmolLM2-135M
+    itself). Here ``num_heads`` x ``head_dim`` defaults to 8 x 64, the official ``Attention``
+    class's own defaults; pass ``num_heads=32, head_dim=2048`` for the resampler's values.
+    ``num_latents`` defaults to the official 768.
+
+    Needs ``all_layer_embeddings`` (``output_hidden_states=True`` in the transformer config, which
+    embedforge's ``set_pooling`` sets and the saved config keeps). vLLM's pooling runner cannot
+    run this module: the serving app says so and serves such a model with sentence-transformers.
+    """
+
+    config_keys: list[str] = ["embedding_dimension", "num_layers", "layer_summary", "num_latents", "num_heads",
+                              "head_dim", "ff_mult", "normalize"]
+
+    def __init__(self, embedding_dimension: int, num_layers: int,
+                 layer_summary: Literal["lasttoken", "mean"] = "lasttoken", num_latents: int = 768,
+                 num_heads: int = 8, head_dim: int = 64, ff_mult: int = 4, normalize: bool = True) -> None:
+        super().__init__()
+        if layer_summary not in ("lasttoken", "mean"):
+            raise ValueError(f"layer_summary must be lasttoken (the paper's) or mean, got {layer_summary!r}")
+        for name, value in (("num_layers", num_layers), ("num_latents", num_latents), ("num_heads", num_heads),
+                            ("head_dim", head_dim), ("ff_mult", ff_mult)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.embedding_dimension, self.num_layers, self.layer_summary = embedding_dimension, num_layers, layer_summary
+        self.num_latents, self.num_heads, self.head_dim = num_latents, num_heads, head_dim
+        self.ff_mult, self.normalize = ff_mult, normalize
+        d, inner = embedding_dimension, num_heads * head_dim
+        self.latents = nn.Parameter(torch.randn(num_latents, d))
+        self.layer_embeddings = nn.Embedding(num_layers, d)
+        self.norm_latents = nn.LayerNorm(d)
+        self.norm_layers = nn.LayerNorm(d)
+        self.to_q = nn.Linear(d, inner, bias=False)
+        self.to_kv = nn.Linear(d, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, d, bias=False)
+        self.norm_ff = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, d * ff_mult * 2), GEGLU(), nn.Linear(d * ff_mult, d))
+
+    def pool(self, layers: list[Tensor] | tuple[Tensor, ...], mask: Tensor) -> Tensor:
+        """Sentence embeddings (B, d) from the hidden states of layers 1..L (each (B, seq, d))."""
+        if len(layers) > self.num_layers:
+            raise ValueError(f"got {len(layers)} layer outputs, but this pooling was built for {self.num_layers}")
+        h = torch.stack([summarize_layer(x, mask, self.layer_summary) for x in layers], dim=1)  # (B, L, d)
+        h = h + self.layer_embeddings.weight[: h.shape[1]].to(h.dtype)
+        x = self.latents.to(h.dtype).unsqueeze(0).expand(h.shape[0], -1, -1)
+        x = latent_cross_attention(self.norm_latents(x), self.norm_layers(h), self.to_q, self.to_kv, self.to_out,
+                                   self.num_heads) + x
+        x = self.ff(self.norm_ff(x)) + x
+        x = x.mean(dim=1)
+        return torch.nn.functional.normalize(x, p=2, dim=-1) if self.normalize else x
+
+    def forward(self, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        layers = features.get("all_layer_embeddings")
+        if layers is None:
+            raise ValueError("MultiLayerTrainablePooling needs all layers' outputs: set output_hidden_states=True "
+                             "in the transformer config (embedforge's set_pooling does)")
+        features["sentence_embedding"] = self.pool(list(layers)[1:], features["attention_mask"])
+        return features
+
+    def get_embedding_dimension(self) -> int:
+        return self.embedding_dimension
+
+    def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
+        self.save_config(output_path)
+        self.save_torch_weights(output_path, safe_serialization=safe_serialization)
+
+    @classmethod
+    def load(cls, model_name_or_path: str, subfolder: str = "", token: bool | str | None = None,
+             cache_folder: str | None = None, revision: str | None = None, local_files_only: bool = False,
+             **kwargs: Any) -> MultiLayerTrainablePooling:
+        hub = dict(subfolder=subfolder, token=token, cache_folder=cache_folder, revision=revision,
+                   local_files_only=local_files_only)
+        model = cls(**cls.load_config(model_name_or_path=model_name_or_path, **hub))
+        return cls.load_torch_weights(model_name_or_path=model_name_or_path, model=model, **hub)
+
+
 def module_types(model_dir: str | Path) -> list[str]:
     """The module classes a saved sentence-transformers folder names in ``modules.json``."""
     p = Path(model_dir, "modules.json")

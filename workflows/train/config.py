@@ -38,15 +38,78 @@ from embedforge.runtime import RayConfig
 from workflows.train.losses import ObjectiveConfig
 
 
+class LoraSettings(StrictModel):
+    """LoRA adapters (peft) on the decoder's linear layers; the exported model has them merged."""
+
+    r: int = Field(16, ge=1, le=1024, description="Adapter rank")
+    alpha: float = Field(32, gt=0, description="lora_alpha: the update is scaled by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]); all-linear: every linear layer")
+
+
+class MultiLayerPoolingSettings(StrictModel):
+    """``pooling: multilayer_trainable`` (embedforge.st_modules.MultiLayerTrainablePooling)."""
+
+    layer_summary: Literal["lasttoken", "mean"] = Field(
+        "lasttoken", description="Vector per layer: lasttoken (the paper's code) or the masked mean (not the paper's)")
+    num_latents: int = Field(768, ge=1, le=8192, description="Learned latent queries (official: 768)")
+    num_heads: int = Field(8, ge=1, le=256, description="Attention heads (official resampler: 32)")
+    head_dim: int = Field(64, ge=1, le=4096, description="Width per head (official resampler: 2048)")
+    ff_mult: int = Field(4, ge=1, le=16, description="GEGLU feed-forward width multiple (official: 4)")
+
+
+class DecoderSettings(StrictModel):
+    """How a decoder LLM (a causal-LM folder or hub id) becomes a sentence-transformers embedder."""
+
+    append_eos: bool = Field(True, description="Append the EOS token to every input (the token last-token "
+                                                "pooling reads); saved into the tokenizer, so serving does it too")
+    padding_side: Literal["left", "right"] = Field(
+        "right", description="Side the tokenizer pads (pooling finds the last real token on either side)")
+    lora: LoraSettings | None = Field(None, description="Train LoRA adapters (peft) instead of every weight")
+    bidirectional: bool = Field(
+        False, description="Not implemented yet: refused (LLM2Vec's bidirectional attention needs a patched "
+                           "attention mask in transformers and vLLM's LlamaBidirectionalModel at serving)")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (memory for time)")
+
+    @model_validator(mode="after")
+    def _check(self) -> DecoderSettings:
+        if self.bidirectional:
+            raise ValueError("model.decoder.bidirectional: not implemented yet; set it to false")
+        return self
+
+
 class ModelConfig(StrictModel):
     """The model to start from."""
 
     base: str = Field("all-minilm-l6-v2", description="Packaged short name, local folder, s3:// folder or hub id")
-    pooling: Literal["keep", "mean", "cls", "lasttoken", "multilayer_attention"] = Field(
+    pooling: Literal["keep", "mean", "cls", "lasttoken", "multilayer_attention", "multilayer_trainable"] = Field(
         "keep", description="keep: the base model's own pooling; otherwise replace it (multilayer_attention: "
-                            "trainable cross-attention over all layers' outputs)")
+                            "embedforge's residual cross-attention over all layers; multilayer_trainable: the "
+                            "Pooling-and-Attention paper's module as its code defines it)")
+    multilayer: MultiLayerPoolingSettings = Field(
+        default_factory=MultiLayerPoolingSettings, description="Settings of pooling: multilayer_trainable")
     max_seq_length: int | None = Field(None, ge=8, le=8192, description="Truncate inputs; None: the model's")
     freeze_unused: bool = Field(True, description="Freeze parameters no loss reaches (e.g. the BERT pooler)")
+    decoder: DecoderSettings | None = Field(
+        None, description="Set when `base` is a decoder LLM (causal LM, no sentence-transformers config): wraps "
+                          "it as an embedder (EOS appended, padding side, optional LoRA); needs a pooling other "
+                          "than keep")
+    prompts: dict[str, str] = Field(
+        default_factory=dict, description="Prompts saved with the model (sentence-transformers `prompts`), e.g. "
+                                          "{query: 'Instruct: Retrieve semantically similar text.\\nQuery: '}")
+    default_prompt_name: str | None = Field(
+        None, description="Prompt the saved model prepends by default (encode and serving); a key of `prompts`")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.decoder is not None and self.pooling == "keep":
+            raise ValueError("model.pooling: a decoder LLM has no sentence pooling to keep; choose lasttoken, "
+                             "mean or multilayer_trainable")
+        if self.default_prompt_name is not None and self.default_prompt_name not in self.prompts:
+            raise ValueError(f"model.default_prompt_name {self.default_prompt_name!r} is not a key of model.prompts "
+                             f"({', '.join(self.prompts) or 'empty'})")
+        return self
 
 
 class MixtureItem(StrictModel):
@@ -63,6 +126,10 @@ class MixtureItem(StrictModel):
     objective: ObjectiveConfig = Field(description="Loss for this dataset, tagged by `kind`")
     weight: float = Field(1.0, gt=0, description="Share of steps in proportional mode")
     name: str | None = Field(None, description="Name in logs and the model card; default: source and split")
+    prompts: dict[str, str] = Field(
+        default_factory=dict, description="Text prepended to an input column of this dataset, e.g. E5-Mistral's "
+                                          "query instruction {anchor: 'Instruct: Given a question, retrieve "
+                                          "passages that answer it\\nQuery: '}; columns the objective reads")
 
     @property
     def label(self) -> str:
@@ -126,6 +193,8 @@ class DevConfig(StrictModel):
         default_factory=lambda: DatasetSpec(source="stsb", split="dev"),
         description="Scored pairs to evaluate on (never a test split); None: no dev metric")
     batch_size: int = Field(64, ge=1, description="Encoding batch size")
+    prompt: str | None = Field(None, description="Text prepended to both dev sentences (a symmetric STS "
+                                                   "instruction); None: the model's default prompt")
 
 
 class CheckpointConfig(StrictModel):
@@ -184,6 +253,15 @@ class TrainConfig(StrictModel):
                 if isinstance(item.dataset, DatasetSpec) and is_test_split(item.dataset):
                     raise ValueError(f"{where.format(p=p)}[{i}] ({item.label}): test splits are for final "
                                      "evaluation only; train on train or dev splits")
+        from workflows.train.losses import input_columns
+
+        for p, phase in enumerate(self.phase_list()):
+            for i, item in enumerate(phase.datasets):
+                extra = sorted(set(item.prompts) - set(input_columns(item.objective)))
+                if extra:
+                    raise ValueError(f"{where.format(p=p)}[{i}] ({item.label}).prompts: columns {extra} are not "
+                                     f"read by objective {item.objective.kind} (it reads "
+                                     f"{input_columns(item.objective)})")
         if self.dev.dataset is not None and is_test_split(self.dev.dataset):
             raise ValueError("dev.dataset: checkpoints are selected on it, so it must not be a test split; use dev")
         labels = [item.label for item in self.datasets or []]

@@ -46,11 +46,20 @@ def _world() -> tuple[int, int]:
 
 
 def build_model(base: str, config) -> Any:
-    """The SentenceTransformer to train, with the configured pooling and unused weights frozen."""
-    from embedforge.st_modules import load_sentence_transformer
+    """The SentenceTransformer to train, with the configured pooling and unused weights frozen.
+
+    A decoder LLM (``config.decoder``) is wrapped by :func:`workflows.train.decoder.build_decoder_embedder`
+    unless ``base`` is already a sentence-transformers folder (a checkpoint being resumed).
+    """
+    from embedforge.st_modules import load_sentence_transformer, module_types
     from workflows.train.pooling import set_pooling
 
-    model = set_pooling(load_sentence_transformer(base, device="cpu"), config.pooling)
+    if getattr(config, "decoder", None) is not None and not module_types(base):
+        from workflows.train.decoder import build_decoder_embedder
+
+        return build_decoder_embedder(base, config)
+    model = set_pooling(load_sentence_transformer(base, device="cpu"), config.pooling,
+                        multilayer=getattr(config, "multilayer", None))
     if config.max_seq_length:
         model.max_seq_length = config.max_seq_length
     if config.freeze_unused:
@@ -62,14 +71,20 @@ def build_model(base: str, config) -> Any:
     return model
 
 
-def make_batch(model, objective, table, rows, device) -> tuple[list[dict], Any]:
-    """Features per input column (in the loss's order) and the label tensor (None when unlabeled)."""
+def make_batch(model, objective, table, rows, device, prompts: dict[str, str] | None = None) -> tuple[list[dict], Any]:
+    """Features per input column (in the loss's order) and the label tensor (None when unlabeled).
+
+    ``prompts``: text prepended to a column's inputs (the dataset's instruction prefixes).
+    """
     from workflows.train.losses import input_columns, labels_from_batch
 
     batch = table.take(rows)
     features = []
     for name in input_columns(objective):
-        feats = model.preprocess(batch.column(name).to_pylist())
+        texts = batch.column(name).to_pylist()
+        if prompts and prompts.get(name):
+            texts = [prompts[name] + t for t in texts]
+        feats = model.preprocess(texts)
         features.append({k: (v.to(device) if hasattr(v, "to") else v) for k, v in feats.items()})
     labels = labels_from_batch(objective, {n: batch.column(n).to_pylist() for n in batch.column_names})
     return features, (labels.to(device) if labels is not None else None)
@@ -167,13 +182,19 @@ def start_step_seed(state: dict[str, Any]) -> int:
     return int(state["step"]) * 7919
 
 
-def dev_metric(model, dev: dict | None, batch_size: int) -> float | None:
-    """Spearman of cosine similarity on the dev pairs (sentence-transformers' own evaluator)."""
+def dev_metric(model, dev: dict | None, batch_size: int, prompt: str | None = None) -> float | None:
+    """Spearman of cosine similarity on the dev pairs (sentence-transformers' own evaluator).
+
+    ``prompt``: prepended to both sentences (None: the model's default prompt, as ``encode`` does).
+    """
     if dev is None:
         return None
     from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
 
-    evaluator = EmbeddingSimilarityEvaluator(dev["sentence1"], dev["sentence2"], dev["score"],
+    s1, s2 = dev["sentence1"], dev["sentence2"]
+    if prompt:
+        s1, s2 = [prompt + t for t in s1], [prompt + t for t in s2]
+    evaluator = EmbeddingSimilarityEvaluator(s1, s2, dev["score"],
                                              batch_size=batch_size, main_similarity="cosine",
                                              name="dev", write_csv=False)
     model.eval()
@@ -200,9 +221,12 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, history:
                     phase: int = 0) -> None:
     import torch
 
-    model.save(str(path / MODEL_DIR))
+    from workflows.train.decoder import is_lora, save_embedder, trainable_state
+
+    save_embedder(model, str(path / MODEL_DIR))  # LoRA: merged, a plain folder
+    extra = {"trainable": trainable_state(model)} if is_lora(model) else {}
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "history": history, "phase": phase}, path / STATE_FILE)
+                "history": history, "phase": phase, **extra}, path / STATE_FILE)
     (path / HISTORY_FILE).write_text(json.dumps(history))
 
 
@@ -251,7 +275,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         base = str(restored / MODEL_DIR)
         state = torch.load(restored / STATE_FILE, weights_only=False)
     device = get_device()
-    model = build_model(base, config.model.model_copy(update={"pooling": "keep"}) if checkpoint else config.model)
+    if checkpoint is not None and "trainable" in state:
+        # LoRA: the checkpoint's folder is merged; resume the adapters on the original base instead
+        from workflows.train.decoder import load_trainable_state
+
+        model = build_model(loop_config["base_model"], config.model)
+        load_trainable_state(model, state["trainable"])
+    else:
+        model = build_model(base, config.model.model_copy(update={"pooling": "keep"}) if checkpoint else config.model)
     model = prepare_model(model, parallel_strategy=None)
     broadcast_parameters(model, world)
     # dropout differs per rank; Python's `random` is seeded alike on every rank so any library code
@@ -283,7 +314,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def dev_score() -> float | None:
         """Rank 0 scores the dev set; every rank gets the score."""
-        return broadcast_float(dev_metric(model, dev, config.dev.batch_size) if rank == 0 else None, world, device)
+        score = dev_metric(model, dev, config.dev.batch_size, config.dev.prompt) if rank == 0 else None
+        return broadcast_float(score, world, device)
 
     if start == 0 and dev is not None:
         # the starting point of the dev curve: what training has to beat
@@ -300,7 +332,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             optimizer, scheduler = build_optimizer(params, optim, schedule.steps[phase])
             if rank == 0:
                 log.info("phase %s: steps %d-%d", phases[phase].name, step + 1, step + schedule.steps[phase])
-        features, label = make_batch(model, items[d].objective, tables[d], schedule.rows(d, count, rank), device)
+        features, label = make_batch(model, items[d].objective, tables[d], schedule.rows(d, count, rank), device,
+                                     items[d].prompts)
         begin_step(losses[d], step=step, total_steps=total_steps, seed=config.seed)
         loss_value = losses[d](features, label)
         loss_value.backward()

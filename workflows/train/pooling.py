@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from embedforge.st_modules import MultiLayerAttentionPooling
+from embedforge.st_modules import MultiLayerAttentionPooling, MultiLayerTrainablePooling
 
-PoolingChoice = Literal["keep", "mean", "cls", "lasttoken", "multilayer_attention"]
+PoolingChoice = Literal["keep", "mean", "cls", "lasttoken", "multilayer_attention", "multilayer_trainable"]
 
 
-def set_pooling(model: Any, mode: PoolingChoice, layer_summary: str = "mean", num_heads: int = 4) -> Any:
-    """Return ``model`` with its pooling replaced by ``mode`` (``keep``: unchanged)."""
+def set_pooling(model: Any, mode: PoolingChoice, layer_summary: str = "mean", num_heads: int = 4,
+                multilayer: Any = None) -> Any:
+    """Return ``model`` with its pooling replaced by ``mode`` (``keep``: unchanged).
+
+    ``multilayer``: a ``MultiLayerPoolingSettings`` for ``multilayer_trainable`` (None: its defaults).
+    """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling
 
@@ -28,17 +32,22 @@ def set_pooling(model: Any, mode: PoolingChoice, layer_summary: str = "mean", nu
     if mode == "keep":
         return model
     modules = list(model.children())
-    idx = next((i for i, m in enumerate(modules) if isinstance(m, (Pooling, MultiLayerAttentionPooling))), None)
+    idx = next((i for i, m in enumerate(modules) if isinstance(m, (Pooling, MultiLayerAttentionPooling, MultiLayerTrainablePooling))), None)
     dim = modules[0].get_embedding_dimension()
     if mode == "multilayer_attention":
         heads = num_heads if dim % num_heads == 0 else 1
         pooling = MultiLayerAttentionPooling(dim, num_layers(model), layer_summary=layer_summary, num_heads=heads)
         modules[0].auto_model.config.output_hidden_states = True
+    elif mode == "multilayer_trainable":
+        settings = {} if multilayer is None else multilayer.model_dump()
+        pooling = MultiLayerTrainablePooling(dim, num_layers(model), **settings)
+        modules[0].auto_model.config.output_hidden_states = True
     elif mode in ("mean", "cls", "lasttoken"):
         pooling = Pooling(dim, pooling_mode=mode)
         modules[0].auto_model.config.output_hidden_states = False
     else:
-        raise ValueError(f"pooling {mode!r}: expected keep, mean, cls, lasttoken or multilayer_attention")
+        raise ValueError(f"pooling {mode!r}: expected keep, mean, cls, lasttoken, multilayer_attention or "
+                         "multilayer_trainable")
     if idx is None:
         modules.insert(1, pooling)
     else:
@@ -49,4 +58,4 @@ def set_pooling(model: Any, mode: PoolingChoice, layer_summary: str = "mean", nu
     return new
 
 
-__all__ = ["MultiLayerAttentionPooling", "PoolingChoice", "set_pooling"]
+__all__ = ["MultiLayerAttentionPooling", "MultiLayerTrainablePooling", "PoolingChoice", "set_pooling"]
