@@ -16,7 +16,8 @@ temperature per row) share one call per round.
 
 Resumable: every finished batch is written to ``output/parts/<mode>-<batch>.json`` with a plan
 (``parts/plan.json``: the configuration and item ids). A rerun of the same command skips the
-finished batches; ``max_seconds`` stops starting new ones, so a long evaluation runs as several
+finished batches; ``max_seconds`` stops before a batch that would likely end past it (judged by the
+longest batch so far), so a long evaluation runs as several
 short chunks that add up. A different configuration in the same output is refused.
 
 Outputs, once every batch is done (committed under ``output`` with a manifest):
@@ -356,7 +357,8 @@ def run_debate_eval(config: DebateEvalConfig) -> dict[str, Any]:
         todo = [b for b in range(len(batches)) if not storage.exists(part_uri(mode, b))]
         if not todo:
             continue
-        if config.max_seconds is not None and time.perf_counter() - started > config.max_seconds:
+        # a new mode starts an agent (a model load) and runs a batch of unknown length: leave it a quarter
+        if config.max_seconds is not None and time.perf_counter() - started > 0.75 * config.max_seconds:
             stopped_early = True
             break
         init_ray(config.ray)
@@ -375,8 +377,10 @@ def run_debate_eval(config: DebateEvalConfig) -> dict[str, Any]:
         ray.get(agent.__ray_ready__.remote(), timeout=config.timeout_s)
         log.info("mode %s: %d of %d batches to run, %d agents x %d rounds, %d tokens", mode, len(todo), len(batches),
                  len(temps), rounds, config.max_tokens)
+        longest = 0.0
         for b in todo:
-            if config.max_seconds is not None and time.perf_counter() - started > config.max_seconds:
+            # stop before a batch that would likely end past max_seconds (the longest batch so far)
+            if config.max_seconds is not None and time.perf_counter() - started + longest > config.max_seconds:
                 stopped_early = True
                 break
             batch = batches[b]
@@ -384,6 +388,7 @@ def run_debate_eval(config: DebateEvalConfig) -> dict[str, Any]:
             outs = debate_batch(agent, mode, batch, temps, rounds, config.max_tokens, config.model, receivers,
                                 config.timeout_s, config)
             wall = time.perf_counter() - t0
+            longest = max(longest, wall)
             recs = [{**p, "mode": mode, "batch": b, "final_answer": o["final_answer"],
                      "correct": P.answers_equal(o["final_answer"], p["gold"]), "tie": o["tie"],
                      "votes": json.dumps(o["votes"]), "agent_answers": json.dumps(o["agent_answers"]),
