@@ -114,6 +114,13 @@ def test_parallel_pairs_melt_the_synthesized_columns_into_distinct_pairs():
     half = _synthesized_rows().set_column(1, "sentence1", pa.array([None, "Eine Frau kocht.", None], pa.string()))
     with pytest.raises(InputError, match="column 'sentence1' is null in 1 rows where 'source_sentence1' is not"):
         parallel_pairs(half, None, "syn")
+    # the synthesize stage's `parallel` sub-output (one sentence a row) is found without `pairs`
+    par = pa.table({"row_id": [0, 0, 1], "column": ["sentence1", "sentence2", "sentence2"],
+                    "source_sentence": ["A dog runs.", "A dog walks.", "A dog runs."],
+                    "sentence": ["Ein Hund rennt.", "Ein Hund läuft.", "Ein Hund rennt."],
+                    "target_lang": ["de"] * 3, "cosine": [0.9] * 3, "margin": [1.1] * 3})
+    table, info = parallel_pairs(par, None, "par")
+    assert info["pairs"] == [["source_sentence", "sentence"]] and table.num_rows == 2
 
 
 class FakeTeacherEmbed:
