@@ -168,7 +168,8 @@ def make_fastapi_app(config: ServeConfig) -> tuple[Any, type]:
             info = self._info[name]
             return {"id": name, "object": "model", "created": 0, "owned_by": "embedforge",
                     "elastic": {k: info[k] for k in ("layers", "dimensions", "max_layers", "max_dimensions",
-                                                     "max_tokens", "vocab_size", "long_inputs")}}
+                                                     "max_tokens", "vocab_size", "long_inputs")},
+                    "backend": info.get("backend", "sentence-transformers")}
 
         @app.get("/v1/models", response_model=ModelList, responses=errors, dependencies=[Depends(require_key)])
         async def models(self) -> Any:
@@ -212,12 +213,35 @@ def _autoscaling(scale: Any) -> dict[str, Any]:
     }
 
 
+def backend_fallbacks(config: ServeConfig) -> dict[str, str]:
+    """Models asked for the vLLM backend that it cannot serve, with the reason (checked on local folders;
+    other sources are checked when a replica loads them, with the same message in its log)."""
+    from pathlib import Path
+
+    from actors.vllm_embedder import vllm_pooling_support
+    from embedforge.models import PACKAGED, resolve_model
+
+    out = {}
+    for name, backend in config.backends.items():
+        source = config.models[name]
+        if backend != "vllm" or not (Path(source).is_dir() or source.lower() in PACKAGED):
+            continue
+        reason = vllm_pooling_support(resolve_model(source))
+        if reason is not None:
+            out[name] = reason
+    return out
+
+
 def build_app(config: ServeConfig) -> Any:
     """The Serve application for ``config`` (one fused deployment, or autoscaled ingress -> model deployment)."""
     from ray import serve
     from ray.serve.config import BackpressureConfig
 
     from workflows.serve.model_server import make_model_server
+
+    for name, reason in backend_fallbacks(config).items():
+        log.warning("model %s: vLLM's pooling runner cannot serve it (%s); serving it with sentence-transformers",
+                    name, reason)
 
     data = config.model_dump(mode="json")
     # Serve's own 503 (its queue past max_queued_requests) is the last resort: plain text, so say when to retry.

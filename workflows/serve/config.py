@@ -105,6 +105,15 @@ class ServeSection(StrictModel):
                              "workflows.serve.run.serve_environment() on the nodes")
 
 
+class VLLMBackendConfig(StrictModel):
+    """Settings of the vLLM pooling-runner backend (models listed in ``backends`` as ``vllm``)."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 where the hardware computes it natively, float32 elsewhere")
+    kv_cache_gb: float = Field(1.0, gt=0, description="CPU KV cache per engine, GiB")
+    enforce_eager: bool = Field(True, description="Skip torch.compile (fast start; right on CPU)")
+
+
 class ServeConfig(StrictModel):
     """Serve sentence embeddings over an OpenAI-compatible API with Ray Serve."""
 
@@ -112,6 +121,11 @@ class ServeConfig(StrictModel):
         default_factory=lambda: {"all-minilm-l6-v2": "all-minilm-l6-v2"},
         description="Served model name -> source (packaged short name, local folder, s3:// folder, hub id)")
     default_model: str | None = Field(None, description="Model used when a request names none; None: the first")
+    backends: dict[str, Literal["sentence-transformers", "vllm"]] = Field(
+        default_factory=dict, description="Backend per served model name (unnamed: sentence-transformers). vllm: "
+                                          "vLLM's pooling runner; a model whose pooling vLLM cannot run (e.g. "
+                                          "multilayer_trainable) is served with sentence-transformers, said at deploy")
+    vllm: VLLMBackendConfig = Field(default_factory=VLLMBackendConfig, description="The vLLM backend's settings")
     normalize: bool = Field(True, description="L2-normalize embeddings")
     limits: LimitsConfig = LimitsConfig()
     batching: BatchingConfig = BatchingConfig()
@@ -138,6 +152,9 @@ class ServeConfig(StrictModel):
     def _check(self) -> ServeConfig:
         if not self.models:
             raise ValueError("models: serve at least one model, e.g. models: {minilm: all-minilm-l6-v2}")
+        unknown = sorted(set(self.backends) - set(self.models))
+        if unknown:
+            raise ValueError(f"backends names {unknown}, which are not in models ({', '.join(self.models)})")
         if self.default_model is not None and self.default_model not in self.models:
             raise ValueError(f"default_model {self.default_model!r} is not in models ({', '.join(self.models)})")
         if self.auth.mode == "api_keys" and not (self.auth.api_keys_env or self.auth.api_keys_file):

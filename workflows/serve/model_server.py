@@ -54,8 +54,9 @@ def model_info(name: str, embedder: Any, max_tokens: int, long_inputs: str = "re
         "layers": list(grid.get("layers") or [embedder.num_layers]),
         "dimensions": list(grid.get("dims") or [embedder.dimension]),
         "max_tokens": max_tokens,
-        "vocab_size": len(embedder.model.tokenizer),
+        "vocab_size": len(embedder.counting_tokenizer),
         "long_inputs": long_inputs,
+        "backend": getattr(embedder, "backend", "sentence-transformers"),
     }
 
 
@@ -94,6 +95,10 @@ def make_model_server(config: ServeConfig) -> type:
             started = time.monotonic()
             import ray
 
+            if self.config.backends.get(model_id) == "vllm":
+                embedder = await asyncio.to_thread(self._vllm_embedder, model_id, source)
+                if embedder is not None:
+                    return embedder
             device = "cuda" if ray.get_gpu_ids() else "cpu"  # GPUs given to this replica (ray_actor_options)
             embedder = await asyncio.to_thread(Embedder, EmbedderConfig(
                 model=source, device=device, batch_size=self.config.batching.encode_batch_size,
@@ -101,6 +106,7 @@ def make_model_server(config: ServeConfig) -> type:
                 num_cpus=self.config.model_deployment.num_cpus, torch_threads=self._threads))
             native = embedder.model.max_seq_length or self.config.limits.max_tokens_per_input
             embedder.model.max_seq_length = min(native, self.config.limits.max_tokens_per_input)
+            embedder.max_tokens = embedder.model.max_seq_length
             # Tokenization runs on the event loop while padding runs in the encode thread; a fast
             # tokenizer's padding/truncation state is shared, so the loop gets its own copy.
             embedder.counting_tokenizer = copy.deepcopy(embedder.model.tokenizer)
@@ -112,10 +118,35 @@ def make_model_server(config: ServeConfig) -> type:
                      embedder.model.max_seq_length)
             return embedder
 
+        def _vllm_embedder(self, model_id: str, source: str) -> Any:
+            """The vLLM pooling engine for ``model_id``, or None (logged) when vLLM cannot run its pooling."""
+            import copy as _copy
+
+            from actors.vllm_embedder import VLLMEmbedder, VLLMEmbedderConfig, vllm_pooling_support
+            from embedforge.models import resolve_model
+
+            folder = resolve_model(source)
+            reason = vllm_pooling_support(folder)
+            if reason is not None:
+                log.warning("model %s: served with sentence-transformers, not vLLM: %s", model_id, reason)
+                return None
+            native = _native_max_tokens(folder)
+            v = self.config.vllm
+            embedder = VLLMEmbedder(VLLMEmbedderConfig(
+                model=folder, dtype=v.dtype, kv_cache_gb=v.kv_cache_gb, enforce_eager=v.enforce_eager,
+                num_threads=self._threads,
+                max_model_len=min(native or self.config.limits.max_tokens_per_input,
+                                  self.config.limits.max_tokens_per_input)))
+            embedder.counting_tokenizer = _copy.deepcopy(embedder.tokenizer)
+            embedder.serve_prompt = embedder.prompt
+            log.info("loaded model %s from %s with vLLM's pooling runner (%d layers, %d dims, max %d tokens)",
+                     model_id, folder, embedder.num_layers, embedder.dimension, embedder.max_tokens)
+            return embedder
+
         async def info(self, model_id: str | None = None) -> dict[str, Any]:
             model_id = model_id or serve.get_multiplexed_model_id()
             embedder = await self.get_model(model_id)
-            return model_info(model_id, embedder, embedder.model.max_seq_length, self.config.limits.long_inputs)
+            return model_info(model_id, embedder, embedder.max_tokens, self.config.limits.long_inputs)
 
         def _admit(self, n: int) -> None:
             limit = self.config.limits.max_queued_sentences
@@ -138,9 +169,13 @@ def make_model_server(config: ServeConfig) -> type:
             embedder = await self.get_model(model_id)
             check_range("dimensions", dimensions, 1, embedder.dimension, f"model {model_id!r}")
             check_range("layers", layers, 1, embedder.num_layers, f"model {model_id!r}")
+            if layers is not None and layers < embedder.num_layers and getattr(embedder, "backend", "") == "vllm":
+                raise RequestError(f"layers={layers}: model {model_id!r} runs on vLLM's pooling runner, which has no "
+                                   f"early exit; omit layers or ask for {embedder.num_layers}", status_code=400,
+                                   param="layers", code="invalid_value")
             self._admit(len(inputs))
             try:
-                tok = to_token_ids(embedder.counting_tokenizer, inputs, embedder.model.max_seq_length,
+                tok = to_token_ids(embedder.counting_tokenizer, inputs, embedder.max_tokens,
                                    self.config.limits.long_inputs, len(embedder.counting_tokenizer),
                                    embedder.serve_prompt, model_id)
                 enqueued = time.monotonic()
@@ -172,6 +207,8 @@ def make_model_server(config: ServeConfig) -> type:
 
             model_id, layers = key
             embedder = await self.get_model(model_id)
+            if getattr(embedder, "backend", "") == "vllm":
+                return await asyncio.get_running_loop().run_in_executor(self._encoder, embedder.forward_ids, rows)
             return await asyncio.get_running_loop().run_in_executor(
                 self._encoder, forward_ids, embedder.model, rows, self.config.batching.encode_batch_size, layers,
                 self._threads)
@@ -180,6 +217,20 @@ def make_model_server(config: ServeConfig) -> type:
             """Serve's health check: the replica is alive while its event loop answers."""
 
     return EmbeddingModelServer
+
+
+def _native_max_tokens(folder: str) -> int | None:
+    """The folder's sentence-transformers max_seq_length (or its tokenizer's model_max_length), if it names one."""
+    import json
+    from pathlib import Path
+
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        p = Path(folder, name)
+        if p.is_file():
+            value = json.loads(p.read_text()).get(key)
+            if isinstance(value, int) and 0 < value < 1_000_000:
+                return value
+    return None
 
 
 def unwrap_error(err: BaseException) -> BaseException:

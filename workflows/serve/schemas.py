@@ -109,6 +109,7 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "embedforge"
     elastic: ElasticGrid
+    backend: Literal["sentence-transformers", "vllm"] = "sentence-transformers"
 
 
 class ModelList(BaseModel):
