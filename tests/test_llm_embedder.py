@@ -218,3 +218,38 @@ def test_lora_lasttoken_smollm2_trains_on_two_workers_and_exports_merged(ray_loc
     key = next(k for k in trained if k.endswith("layers.0.self_attn.q_proj.weight"))
     base_key = next(k for k in base if k.endswith("layers.0.self_attn.q_proj.weight"))
     assert not np.allclose(trained[key].float().numpy(), base[base_key].float().numpy(), atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_lora_save_merges_adapters_and_trainable_state_round_trips(smollm_path, tmp_path):
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from workflows.train.config import ModelConfig
+    from workflows.train.decoder import (build_decoder_embedder, is_lora, load_trainable_state, save_embedder,
+                                         trainable_state)
+
+    cfg = ModelConfig.model_validate({"base": smollm_path, "pooling": "mean", "max_seq_length": 32,
+                                      "decoder": {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}})
+    model = build_decoder_embedder(smollm_path, cfg)
+    assert is_lora(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.eval()
+    texts = ["A man plays a guitar.", "Hi"]
+    live = model.encode(texts)
+    save_embedder(model, str(tmp_path / "merged"))
+    assert is_lora(model)  # the live model keeps its adapters
+    merged = SentenceTransformer(str(tmp_path / "merged"), device="cpu")
+    np.testing.assert_allclose(merged.encode(texts), live, atol=1e-4)
+    state = trainable_state(model)
+    assert state and all("lora_" in k for k in state)
+    fresh = build_decoder_embedder(smollm_path, cfg)
+    load_trainable_state(fresh, state)
+    fresh.eval()
+    np.testing.assert_allclose(fresh.encode(texts), live, atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_trainable_state(fresh, {"nope": torch.zeros(1)})
