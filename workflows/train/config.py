@@ -119,7 +119,8 @@ class MixtureItem(StrictModel):
         description="A DatasetSpec (named dataset, split, limit), or the URI of a committed output of the "
                     "synthesize or reward stage (its `data` rows)")
     output: str = Field("data", description="For a committed stage output: which sub-output to read "
-                                             "(synthesize: data, or parallel for multilingual_distill; reward: sts_teacher, or feedback for kl_distill)")
+                                             "(synthesize: data, or parallel for multilingual_distill; reward: "
+                                             "sts_teacher, or feedback for kl_distill)")
     kind: Literal["scored_pairs", "nli_triplets"] | None = Field(
         None, description="For a committed stage output whose rows mix kinds (synthesize writes scored pairs "
                           "and NLI triplets into one `data` output, with a `kind` column): train on this kind only")
