@@ -15,7 +15,8 @@ the time one 2-worker run starts). Only train and dev data are read, never a tes
 * **PEG** (XQuAD train, first half of its articles): MNRL with 3 mined hard negatives per query
   (mined by the base model among the training contexts) and PEG's progressive weighting vs the
   same MNRL without it, and vs plain MNRL on pairs; nDCG@10 on the other half of the train articles.
-* **LLM-Embedder** (needs ``--feedback``: a committed reward output): KL and stable distillation
+* **LLM-Embedder** (needs ``--feedback``: a committed reward output, e.g. the reward stage run on
+  ``--reward-input``'s file, which holds questions of the first half of the train articles only): KL and stable distillation
   from its LLM-feedback teacher vs contrastive-only on the same queries; nDCG@10 on the train
   articles the reward run did not read.
 * **DSE teacher** (needs ``--teachers``: reward outputs with ``sts_eval``): Spearman of each LLM
@@ -269,8 +270,9 @@ def ablate_llm_embedder(feedback: str, seeds: list[int], steps: int, k: int,
              "stable": {**base, "distill": "stable"},
              "kl+contrastive": {**base, "distill": "kl", "contrastive_weight": 0.2}}
     specs = {name: spec for name, spec in specs.items() if not variants or name in variants}
+    base_ndcg = f"{ndcg10(load_base(), ir):.2f}" if "contrastive" in specs else "not measured in this run"
     print(f"llm_embedder: {len(rows['query'])} training queries x {k} candidates; nDCG@10 over {held.height} "
-          f"held-out questions, {len(ir['corpus'])} contexts; base model {ndcg10(load_base(), ir):.2f}", flush=True)
+          f"held-out questions, {len(ir['corpus'])} contexts; base model {base_ndcg}", flush=True)
     got = {name: scored("llm_embedder", name, seeds, lambda seed, spec=spec: ndcg10(train(spec, rows, steps, seed), ir))
            for name, spec in specs.items()}
     scale = (f"{steps} steps x 16 queries, {len(rows['query'])} queries x {k} candidates ({dropped} dropped), "
