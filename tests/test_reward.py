@@ -174,6 +174,50 @@ def test_reward_matches_transformers(llm_engine, smollm_path):
     assert got["reward"][2] > got["reward"][3] and ref_rewards[2] > ref_rewards[3]
 
 
+def _openmp_runtime():
+    """The OpenMP runtime torch loaded (libgomp or libiomp), opened with ctypes."""
+    import ctypes
+
+    import torch  # noqa: F401  (loads the runtime)
+
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "libgomp" in line or "libiomp" in line}
+    if not paths:
+        pytest.skip("no OpenMP runtime mapped in this process")
+    return ctypes.CDLL(sorted(paths)[0])
+
+
+def test_engine_call_from_a_thread_with_another_openmp_count(llm_engine):
+    """The reward stage's ``cpu_attn_impl.hpp ... thread_num == thread_num (1 vs. 2)`` failure.
+
+    Ray Data runs a map actor's ``__call__`` on a pool thread whose OpenMP count is the worker's
+    ``OMP_NUM_THREADS=1`` while the engine was started for 2: vLLM planned the attention for 1
+    thread, torch's lazy per-thread init raised the count to 2, the kernel refused the step.
+    Without the per-call thread count in ``LLMEngine`` this test fails with that message.
+    """
+    import threading
+
+    assert llm_engine.num_threads == 2, "the fixture engine must compute on 2 threads for this check"
+    omp = _openmp_runtime()
+    got: dict = {}
+
+    def call():
+        omp.omp_set_num_threads(1)  # a Ray worker thread's start (OMP_NUM_THREADS=1); torch not yet used here
+        got["max_threads_before"] = omp.omp_get_max_threads()
+        try:
+            got["out"] = llm_engine.generate(["The capital of France is"], max_tokens=2)
+            got["rewards"] = llm_engine.continuation_logprobs(["The capital of France is"], [" Paris"])
+        except Exception as e:  # noqa: BLE001  (reported below)
+            got["error"] = e
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join(timeout=300)
+    assert got["max_threads_before"] == 1
+    assert "error" not in got, got.get("error")
+    assert got["out"][0]["token_ids"] and len(got["rewards"][0]) >= 1
+
+
 def test_cross_encoder_scores_and_flags_bad_rows(llm_engine):
     from actors.reward_scorer import RewardScorer
 
@@ -292,3 +336,37 @@ def test_pipeline_end_to_end_on_s3_with_quarantine_and_resume(ray_local, s3, tmp
     assert again["skipped"] and again["manifest"]["committed_at"] == summary["manifest"]["committed_at"]
     with pytest.raises(ConfigError, match="committed by another reward config"):
         run_reward(cfg.model_copy(update={"llm_feedback": cfg.llm_feedback.model_copy(update={"temperature": 2.0})}))
+
+
+@pytest.mark.slow
+def test_reward_stage_runs_with_a_two_thread_engine_in_ray_data(ray_local, tmp_path, minilm_path, smollm_path):
+    """The real reward stage (Ray Data, vLLM on CPU) with the engine of configs/reward.yaml: 2 CPUs.
+
+    This is the configuration that failed with ``thread_num (1 vs. 2)``: Ray Data calls the
+    scorer on a pool thread that starts with ``OMP_NUM_THREADS=1``.
+    """
+    from workflows.reward.pipeline import run_reward
+
+    shipped = load_config(RewardConfig, "configs/reward.yaml").scorer.engine
+    assert shipped.num_cpus == 2
+    cfg = build_config(RewardConfig, {
+        "output": str(tmp_path / "out"),
+        "mining": {"embedder": {"model": minilm_path, "batch_size": 8}, "top_k": 2, "batch_size": 8},
+        "llm_feedback": {"data": {"source": _qa_jsonl(tmp_path / "qa.jsonl"), "kind": "qa", "limit": 4},
+                         "shard_queries": 2, "batch_size": 4},
+        "cross_encoder": {"eval_data": {"source": "stsb", "split": "dev", "limit": 4}, "batch_size": 4},
+        "scorer": {"engine": {**shipped.model_dump(), "model": smollm_path, "max_model_len": 1024}},
+        "max_bad_fraction": 0.1,
+    })
+    summary = run_reward(cfg)
+    # the file's blank-answer row is quarantined when it is read, before the limit
+    assert storage.is_committed(cfg.output) and summary["quarantined"] == 1
+    fb = pl.from_arrow(storage.read_output(cfg.output, "feedback"))
+    assert fb["qid"].n_unique() == 4 and fb.height == 4 * 3
+    assert fb["reward"].is_finite().all() and (fb["reward"] < 0).all()
+    sums = fb.group_by("qid").agg(pl.col("teacher_prob").sum())
+    assert np.allclose(sums["teacher_prob"].to_numpy(), 1.0)
+    # the LLM prefers the passage that holds the answer for most questions
+    assert summary["llm_feedback"]["gold_top1"] >= 0.5
+    sts = pl.from_arrow(storage.read_output(cfg.output, "sts_eval"))
+    assert sts.height == 4 and sts["teacher_score"].is_between(0, 1).all()
