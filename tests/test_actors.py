@@ -59,7 +59,7 @@ def test_embedder_matches_sentence_transformers(minilm_path):
     from actors.embedder import Embedder, EmbedderConfig
 
     texts = ["A man is playing a guitar.", "A woman is slicing onions.", "Kids play in the park."]
-    emb = Embedder(EmbedderConfig(model=minilm_path))
+    emb = Embedder(EmbedderConfig(model=minilm_path, dtype="float32"))  # the reference encodes in float32
     ref = SentenceTransformer(minilm_path, device="cpu").encode(texts, normalize_embeddings=True)
     got = emb.encode(texts)
     assert got.shape == (3, 384)

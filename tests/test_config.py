@@ -138,11 +138,12 @@ def test_debate_keys_set_by_the_app_are_refused():
         ({"engine": {"num_gpus": 1}}, r"engine\.num_gpus: agent_deployment"),
         ({"ingress": {"num_gpus": 1}}, r"ingress\.num_gpus: the ingress runs no model"),
         ({"ingress": {"torch_threads": 2}}, r"ingress\.torch_threads: the ingress runs no model"),
-        ({"agent_deployment": {"num_gpus": 1}}, "CIPHER agents decode with transformers on CPU"),
     ]:
         with pytest.raises(ConfigError, match=match):
             build_config(DebateConfig, {**base, **over})
     # what stays: cipher decoding settings, engine settings the replica uses, GPUs for vLLM-only modes
+    # CIPHER agents run on CUDA when given GPUs, so agent_deployment.num_gpus is kept with cipher mode too
+    assert build_config(DebateConfig, {**base, "agent_deployment": {"num_gpus": 1}}).agent_deployment.num_gpus == 1
     cfg = build_config(DebateConfig, {**base, "cipher": {"max_context_tokens": 1024}, "engine": {"max_model_len": 1024},
                                       "modes": ["natural", "single"], "agent_deployment": {"num_gpus": 1}})
     assert cfg.agent_deployment.num_gpus == 1

@@ -104,7 +104,8 @@ def embed_on_ray(texts: list[str], teacher_path: str, max_seq_length: int | None
     """The teacher's embeddings of ``texts`` (float32 [n, D]) from one Ray Data job over an actor pool."""
     from workflows.evaluate.embed import EmbedRequest, embed_ray
 
-    embedder = {"model": teacher_path, "batch_size": batch_size, "normalize": False,
+    # float32 targets on every machine (dtype auto would round them to bf16 where bf16 is native)
+    embedder = {"model": teacher_path, "batch_size": batch_size, "normalize": False, "dtype": "float32",
                 "max_seq_length": max_seq_length, "num_cpus": cpus, "torch_threads": max(1, int(cpus)),
                 "num_gpus": 1 if use_gpu else 0, "device": "cuda" if use_gpu else "cpu"}
     # prompt "" (not None): the student trains on unprompted text, so the teacher embeds it the same way
