@@ -30,7 +30,29 @@ def summarize_layer(hidden: Tensor, mask: Tensor, how: str) -> Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-class MultiLayerAttentionPooling(Module):
+class _SavedPooling(Module):
+    """What both pooling modules share: their width, and sentence-transformers' config + weights files."""
+
+    embedding_dimension: int
+
+    def get_embedding_dimension(self) -> int:
+        return self.embedding_dimension
+
+    def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
+        self.save_config(output_path)
+        self.save_torch_weights(output_path, safe_serialization=safe_serialization)
+
+    @classmethod
+    def load(cls, model_name_or_path: str, subfolder: str = "", token: bool | str | None = None,
+             cache_folder: str | None = None, revision: str | None = None, local_files_only: bool = False,
+             **kwargs: Any) -> Module:
+        hub = dict(subfolder=subfolder, token=token, cache_folder=cache_folder, revision=revision,
+                   local_files_only=local_files_only)
+        model = cls(**cls.load_config(model_name_or_path=model_name_or_path, **hub))
+        return cls.load_torch_weights(model_name_or_path=model_name_or_path, model=model, **hub)
+
+
+class MultiLayerAttentionPooling(_SavedPooling):
     """Multi-Layers Trainable Pooling: a learned query cross-attends over every layer's output.
 
     Tang & Yang 2024, "Pooling And Attention: What Are Effective Designs For LLM-Based Embedding
@@ -94,23 +116,6 @@ class MultiLayerAttentionPooling(Module):
         features["sentence_embedding"] = summarize_layer(layers[-1], mask, self.layer_summary) + z
         return features
 
-    def get_embedding_dimension(self) -> int:
-        return self.embedding_dimension
-
-    def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
-        self.save_config(output_path)
-        self.save_torch_weights(output_path, safe_serialization=safe_serialization)
-
-    @classmethod
-    def load(cls, model_name_or_path: str, subfolder: str = "", token: bool | str | None = None,
-             cache_folder: str | None = None, revision: str | None = None, local_files_only: bool = False,
-             **kwargs: Any) -> MultiLayerAttentionPooling:
-        hub = dict(subfolder=subfolder, token=token, cache_folder=cache_folder, revision=revision,
-                   local_files_only=local_files_only)
-        model = cls(**cls.load_config(model_name_or_path=model_name_or_path, **hub))
-        return cls.load_torch_weights(model_name_or_path=model_name_or_path, model=model, **hub)
-
-
 
 class GEGLU(nn.Module):
     """GELU-gated linear unit: ``x * gelu(gate)`` over the two halves of the last dimension."""
@@ -132,7 +137,7 @@ def latent_cross_attention(latents: Tensor, context: Tensor, to_q: nn.Linear, to
     return to_out(out.transpose(1, 2).reshape(b, latents.shape[1], -1))
 
 
-class MultiLayerTrainablePooling(Module):
+class MultiLayerTrainablePooling(_SavedPooling):
     """Multi-Layers Trainable Pooling as the paper's official code computes it.
 
     Tang & Yang 2024, "Pooling And Attention: What Are Effective Designs For LLM-Based Embedding
@@ -208,22 +213,6 @@ class MultiLayerTrainablePooling(Module):
                              "in the transformer config (embedforge's set_pooling does)")
         features["sentence_embedding"] = self.pool(list(layers)[1:], features["attention_mask"])
         return features
-
-    def get_embedding_dimension(self) -> int:
-        return self.embedding_dimension
-
-    def save(self, output_path: str, *args: Any, safe_serialization: bool = True, **kwargs: Any) -> None:
-        self.save_config(output_path)
-        self.save_torch_weights(output_path, safe_serialization=safe_serialization)
-
-    @classmethod
-    def load(cls, model_name_or_path: str, subfolder: str = "", token: bool | str | None = None,
-             cache_folder: str | None = None, revision: str | None = None, local_files_only: bool = False,
-             **kwargs: Any) -> MultiLayerTrainablePooling:
-        hub = dict(subfolder=subfolder, token=token, cache_folder=cache_folder, revision=revision,
-                   local_files_only=local_files_only)
-        model = cls(**cls.load_config(model_name_or_path=model_name_or_path, **hub))
-        return cls.load_torch_weights(model_name_or_path=model_name_or_path, model=model, **hub)
 
 
 def module_types(model_dir: str | Path) -> list[str]:
