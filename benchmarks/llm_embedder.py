@@ -93,8 +93,8 @@ def st_trainer_lora_samples_per_s(base: str, *, batch: int, steps: int, warmup: 
     from peft import LoraConfig
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from transformers import TrainerCallback
 
+    from benchmarks.st_reference import steady_clock
     from embedforge.data import DatasetSpec, load_dataset
     from embedforge.models import resolve_model
     from workflows.train.config import ModelConfig
@@ -106,21 +106,13 @@ def st_trainer_lora_samples_per_s(base: str, *, batch: int, steps: int, warmup: 
     model.add_adapter(LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"))
     df = load_dataset(DatasetSpec(source="sick", split="train", kind="nli_triplets"))
     data = Dataset.from_dict({c: df[c].to_list() for c in ("anchor", "positive")})
-    marks: dict[str, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == warmup:
-                marks["start"] = time.perf_counter()
-            if state.global_step == steps:
-                marks["end"] = time.perf_counter()
-
+    clock = steady_clock(warmup, steps)
     args = SentenceTransformerTrainingArguments(output_dir=output, per_device_train_batch_size=batch,
                                                 max_steps=steps, learning_rate=2e-4, save_strategy="no",
                                                 report_to=[], logging_steps=steps, use_cpu=True)
     SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
-                               loss=MultipleNegativesRankingLoss(model), callbacks=[Clock()]).train()
-    return (steps - warmup) * batch / (marks["end"] - marks["start"])
+                               loss=MultipleNegativesRankingLoss(model), callbacks=[clock]).train()
+    return clock.samples_per_s(batch)
 
 
 def main() -> None:

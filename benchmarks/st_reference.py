@@ -60,24 +60,34 @@ def build_trainer(model_name: str, output: str, *, batch: int, lr: float, epochs
                                       loss=CoSENTLoss(model), evaluator=evaluator, callbacks=list(callbacks))
 
 
+def steady_clock(warmup: int, steps: int):
+    """A trainer callback that times steps ``warmup``..``steps``, and ``samples_per_s(batch)`` to read it."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.marks: dict[str, float] = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                self.marks["start"] = time.perf_counter()
+            if state.global_step == steps:
+                self.marks["end"] = time.perf_counter()
+
+        def samples_per_s(self, batch: int) -> float:
+            return (steps - warmup) * batch / (self.marks["end"] - self.marks["start"])
+
+    return Clock()
+
+
 def st_trainer_samples_per_s(model_name: str, *, batch: int, steps: int, warmup: int, lr: float,
                              threads: int, output: str) -> float:
     """Steady-state samples/s of the sentence-transformers trainer (steps after ``warmup``)."""
-    from transformers import TrainerCallback
-
-    marks: dict[str, float] = {}
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == warmup:
-                marks["start"] = time.perf_counter()
-            if state.global_step == steps:
-                marks["end"] = time.perf_counter()
-
+    clock = steady_clock(warmup, steps)
     trainer = build_trainer(model_name, output, batch=batch, lr=lr, max_steps=steps, threads=threads,
-                            dev=False, callbacks=[Clock()])
+                            dev=False, callbacks=[clock])
     trainer.train()
-    return (steps - warmup) * batch / (marks["end"] - marks["start"])
+    return clock.samples_per_s(batch)
 
 
 def main() -> None:
