@@ -1,7 +1,7 @@
 """Small-scale ablations of the seed methods' objectives: one row per method (variant vs baseline).
 
-    flock /tmp/embedforge-heavy.lock .venv/bin/python -m benchmarks.fidelity --quick
-    flock /tmp/embedforge-heavy.lock .venv/bin/python -m benchmarks.fidelity --seeds 0 1 --steps 150 \\
+    flock /tmp/ef-heavy.lock .venv/bin/python -m benchmarks.fidelity --quick
+    flock /tmp/ef-heavy.lock .venv/bin/python -m benchmarks.fidelity --seeds 0 1 --steps 150 \\
         --feedback /tmp/embedforge/reward --teachers /tmp/embedforge/reward /tmp/embedforge/reward-gemma
 
 Every run trains all-minilm-l6-v2 in this one process with the project's loss modules
@@ -121,16 +121,18 @@ def ndcg10(model: Any, ir: dict[str, Any]) -> float:
     return 100 * float(next(v for key, v in results.items() if key.endswith("ndcg@10")))
 
 
-def progress(method: str, variant: str, seed: int, value: Any) -> None:
+def progress(method: str, variant: str, seed: int, value: Any, wall: float | None = None) -> None:
     """One finished training run, printed at once (a long ablation keeps what it measured so far)."""
-    print(f"run {method} {variant} seed {seed}: {json.dumps(value)}", flush=True)
+    took = "" if wall is None else f" ({wall:.0f} s)"
+    print(f"run {method} {variant} seed {seed}: {json.dumps(value)}{took}", flush=True)
 
 
 def scored(method: str, name: str, seeds: list[int], run) -> list[float]:
     out = []
     for seed in seeds:
+        t0 = time.perf_counter()
         out.append(run(seed))
-        progress(method, name, seed, out[-1])
+        progress(method, name, seed, out[-1], time.perf_counter() - t0)
     return out
 
 
@@ -216,12 +218,13 @@ def ablate_2dmse(seeds: list[int], steps: int, dev_limit: int | None, variants: 
     scores: dict[str, dict[str, list[float]]] = {name: {"full": [], "half": [], "d64": []} for name in specs}
     for name, spec in specs.items():
         for seed in seeds:
+            t0 = time.perf_counter()
             model = train(spec, train_rows, steps, seed)
             full = sts_spearman(model, dev)
             scores[name]["full"].append(full)
             scores[name]["half"].append(100 * sts_spearman(model, dev, depth=3) / full)
             scores[name]["d64"].append(100 * sts_spearman(model, dev, dim=64) / full)
-            progress("2dmse", name, seed, {k: v[-1] for k, v in scores[name].items()})
+            progress("2dmse", name, seed, {k: v[-1] for k, v in scores[name].items()}, time.perf_counter() - t0)
     scale = f"{steps} steps x 16 pairs, seeds {seeds}, STS-B dev {len(dev['score'])} pairs"
     out = []
     if "cosent" not in specs:
@@ -419,9 +422,10 @@ def main() -> None:
         rows += dse_hf_teachers(args.hf_teachers, args.teacher_pairs)
     if "dse" in args.only:
         if args.teachers:
-            rows += dse_teachers(args.teachers)
-            for r in rows[-len(args.teachers) - 1:]:
+            dse_rows = dse_teachers(args.teachers)
+            for r in dse_rows:
                 progress("dse", r["variant"], 0, [r["variant_value"], r["baseline_value"]])
+            rows += dse_rows
         else:
             print("DSE teacher: skipped (pass --teachers, reward outputs with sts_eval)")
     if "llm_embedder" in args.only:
