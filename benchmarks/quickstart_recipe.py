@@ -6,6 +6,9 @@ MNRL over (translation, source), the in-batch similarity loss, CoSENT on transla
 base model as teacher. Parallel data: STS-B train sentences with their DeepL German (stsb_multi_mt
 train). Scores: Spearman on a fixed random sample of 500 pairs of each dev set.
 
+``--parallel URI`` trains on a committed synthesize output's ``parallel`` sentences (e.g. the
+quickstart's own Gemma translations, ``runs/quickstart/synthesize/<key>``) instead of DeepL.
+
 Run, e.g.: ``python -m benchmarks.quickstart_recipe --n 500 --epochs 2 --lr 5e-5 --mse_scale 0 --en_mse 0 --rel 1 --base 1 --every 1``
 (``--mse_scale 1 --en_mse 1`` is the paper's MSE; ``--mnrl 1``, ``--cosent 1`` add those terms).
 """
@@ -23,6 +26,7 @@ p.add_argument("--lr",type=float,default=1e-4); p.add_argument("--bs",type=int,d
 p.add_argument("--cosent",type=float,default=0.0); p.add_argument("--en_mse",type=float,default=1.0)
 p.add_argument("--src",default="stsb"); p.add_argument("--seed",type=int,default=0)
 p.add_argument("--mse_scale",type=float,default=1.0); p.add_argument("--base",type=int,default=0); p.add_argument("--mnrl",type=float,default=0.0); p.add_argument("--rel",type=float,default=0.0); p.add_argument("--every",type=int,default=0)
+p.add_argument("--parallel",default=None,help="committed synthesize output whose `parallel` sentences to train on")
 a=p.parse_args()
 torch.manual_seed(a.seed); random.seed(a.seed)
 torch.set_num_threads(2)
@@ -34,7 +38,13 @@ pairs=[]; seen=set()
 for e1,e2,d1,d2 in zip(en["sentence1"],en["sentence2"],de["sentence1"],de["sentence2"]):
     for e,d in ((e1,d1),(e2,d2)):
         if e not in seen: seen.add(e); pairs.append((e,d))
+if a.parallel:
+    from embedforge import storage
+    par=storage.read_output(a.parallel,"parallel").to_pydict(); seen=set(); pairs=[]
+    for e,d in zip(par["source_sentence"],par["sentence"]):
+        if (e,d) not in seen: seen.add((e,d)); pairs.append((e,d))
 random.Random(0).shuffle(pairs); pairs=pairs[:a.n]
+print("parallel pairs",len(pairs),flush=True)
 T=teacher.encode([e for e,_ in pairs],convert_to_tensor=True,batch_size=64).clone()
 pairs=[(e,d,T[i]) for i,(e,d) in enumerate(pairs)]
 # dev sets

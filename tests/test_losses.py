@@ -328,6 +328,47 @@ def test_similarity_distill_objective_trains_through_the_factory(tiny_path):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in st.parameters())
 
 
+def test_translation_ranking_term_equals_the_formula_by_hand(tiny_path):
+    """ranking_weight adds w * (CE over cos(t_i, s_j) + CE over cos(s_i, t_j)) / 2 to the distillation loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from workflows.train.losses.multilingual import TranslationRankingLoss, similarity_distill_loss
+
+    objective = OBJ.validate_python({"kind": "multilingual_distill", "loss": "similarity", "ranking_weight": 0.3,
+                                     "ranking_scale": 10.0, "gather_across_workers": False})
+    st = load(tiny_path)
+    st.eval()
+    batch = batch_for(objective, n=6)
+    loss_fn = build_loss(objective, st)
+    assert isinstance(loss_fn, TranslationRankingLoss)
+    loss = loss_on(st, loss_fn, objective, batch)
+    with torch.no_grad():
+        s = st(st.preprocess(batch["source_sentence"]))["sentence_embedding"]
+        t = st(st.preprocess(batch["translation"]))["sentence_embedding"]
+        teacher = labels_from_batch(objective, batch)
+        cos = 10.0 * F.normalize(t, dim=-1) @ F.normalize(s, dim=-1).T
+        rows = [-(cos[i, i] - torch.logsumexp(cos[i], 0)) for i in range(6)]
+        cols = [-(cos[i, i] - torch.logsumexp(cos[:, i], 0)) for i in range(6)]
+        by_hand = similarity_distill_loss(s, t, teacher) + 0.3 * (sum(rows) + sum(cols)) / 12
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in st.parameters())
+    # target teacher: translations are ranked against the teacher's source embeddings (fixed)
+    teacher_target = OBJ.validate_python({**objective.model_dump(), "ranking_target": "teacher"})
+    st.zero_grad()
+    loss_t = loss_on(st, build_loss(teacher_target, st), teacher_target, batch)
+    with torch.no_grad():
+        cos = 10.0 * F.normalize(t, dim=-1) @ F.normalize(teacher, dim=-1).T
+        rows = [-(cos[i, i] - torch.logsumexp(cos[i], 0)) for i in range(6)]
+        cols = [-(cos[i, i] - torch.logsumexp(cos[:, i], 0)) for i in range(6)]
+        by_hand_t = similarity_distill_loss(s, t, teacher) + 0.3 * (sum(rows) + sum(cols)) / 12
+    assert loss_t.item() == pytest.approx(by_hand_t.item(), rel=1e-5)
+    # weight 0: the distillation loss alone, as before
+    plain = build_loss(OBJ.validate_python({"kind": "multilingual_distill", "loss": "similarity"}), st)
+    assert not isinstance(plain, TranslationRankingLoss)
+
+
 # ---- negatives gathered across workers (2 gloo processes) ----
 
 GATHER_SPECS = [
@@ -335,6 +376,7 @@ GATHER_SPECS = [
     {"kind": "cached_mnrl", "mini_batch_size": 3, "gather_across_workers": True},
     {"kind": "cached_mnrl", "mini_batch_size": 3, "gather_across_workers": True,
      "matryoshka2d": {"layers": [2], "dims": [32, 8], "n_layers_per_step": -1}},
+    {"kind": "multilingual_distill", "loss": "mse", "ranking_weight": 0.5, "gather_across_workers": True},
 ]
 
 

@@ -222,6 +222,18 @@ class MultilingualDistillConfig(_Objective):
         "mse", description="mse: the paper's loss (sentence-transformers' MSELoss on coordinates); similarity: "
                            "match the teacher's in-batch cosine matrix (SimilarityDistillLoss; steadier on a few "
                            "hundred pairs, see docs/train.md)")
+    ranking_weight: float = Field(
+        0.0, ge=0, description="Weight of a translation-ranking term added to `loss`: symmetric in-batch InfoNCE "
+                               "between each translation and its source (sentence-transformers' "
+                               "MultipleNegativesRankingLoss, both directions), the other sentences of the batch as "
+                               "negatives; 0: off. 0.1 with loss similarity is the quickstart's choice (docs/train.md)")
+    ranking_scale: float = Field(20.0, gt=0, description="Similarity scale (1 / temperature) of the ranking term")
+    ranking_target: Literal["student", "teacher"] = Field(
+        "student", description="What each translation is ranked against: the student's embeddings of the sources "
+                               "(both languages move), or the teacher's (fixed targets: only translations move)")
+    gather_across_workers: bool = Field(
+        True, description="Ranking term: all-gather the batch from every worker, so negatives come from the global "
+                          "batch")
     teacher_batch_size: int = Field(64, ge=1, le=4096, description="Sentences per teacher forward pass")
     teacher_store: str | None = Field(
         None, description="URI under which teacher embeddings are stored and looked up; None: beside the data "

@@ -48,9 +48,15 @@ def base_loss(objective: Any, st: Any) -> nn.Module:
             return MixedScoreDistillLoss(st, base, objective.alpha)
         return base
     if kind == "multilingual_distill":
-        from workflows.train.losses.multilingual import MultilingualDistillLoss, SimilarityDistillLoss
+        from workflows.train.losses.multilingual import (MultilingualDistillLoss, SimilarityDistillLoss,
+                                                         TranslationRankingLoss)
 
-        return SimilarityDistillLoss(st) if objective.loss == "similarity" else MultilingualDistillLoss(st)
+        distill = SimilarityDistillLoss(st) if objective.loss == "similarity" else MultilingualDistillLoss(st)
+        if objective.ranking_weight > 0:
+            return TranslationRankingLoss(st, distill, weight=objective.ranking_weight, scale=objective.ranking_scale,
+                                          target=objective.ranking_target,
+                                          gather_across_workers=objective.gather_across_workers)
+        return distill
     raise ValueError(f"unknown objective kind {kind!r}")
 
 
