@@ -317,7 +317,9 @@ def test_ray_data_embeddings_equal_in_process(ray_local, minilm_path):
 
     texts = tuple(f"sentence number {i} about {w}" for i, w in enumerate(["cats", "rain", "trains"] * 12))
     reqs = [EmbedRequest("a", texts[:20]), EmbedRequest("b", texts[20:], prompt="query: ", layers=3)]
-    config = {"model": minilm_path, "batch_size": 8}
+    # float32 as evaluation uses it: in bf16 (dtype auto on a CPU with native bf16) the sums differ with
+    # the thread count of the process (1 per Ray actor here, 2 in this process) by more than atol
+    config = {"model": minilm_path, "batch_size": 8, "dtype": "float32"}
     on_ray = embed_ray(reqs, config, actors=2, batch_size=8)
     local = embed_local(reqs, Embedder(config))
     for a, b in zip(on_ray, local):
