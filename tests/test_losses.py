@@ -343,14 +343,17 @@ def test_translation_ranking_term_equals_the_formula_by_hand(tiny_path):
     loss_fn = build_loss(objective, st)
     assert isinstance(loss_fn, TranslationRankingLoss)
     loss = loss_on(st, loss_fn, objective, batch)
+    def ranking_by_hand(queries, docs):  # mean over both directions of the per-row cross-entropy
+        cos = 10.0 * F.normalize(queries, dim=-1) @ F.normalize(docs, dim=-1).T
+        rows = [-(cos[i, i] - torch.logsumexp(cos[i], 0)) for i in range(6)]
+        cols = [-(cos[i, i] - torch.logsumexp(cos[:, i], 0)) for i in range(6)]
+        return (sum(rows) + sum(cols)) / 12
+
     with torch.no_grad():
         s = st(st.preprocess(batch["source_sentence"]))["sentence_embedding"]
         t = st(st.preprocess(batch["translation"]))["sentence_embedding"]
         teacher = labels_from_batch(objective, batch)
-        cos = 10.0 * F.normalize(t, dim=-1) @ F.normalize(s, dim=-1).T
-        rows = [-(cos[i, i] - torch.logsumexp(cos[i], 0)) for i in range(6)]
-        cols = [-(cos[i, i] - torch.logsumexp(cos[:, i], 0)) for i in range(6)]
-        by_hand = similarity_distill_loss(s, t, teacher) + 0.3 * (sum(rows) + sum(cols)) / 12
+        by_hand = similarity_distill_loss(s, t, teacher) + 0.3 * ranking_by_hand(t, s)
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in st.parameters())
@@ -359,10 +362,7 @@ def test_translation_ranking_term_equals_the_formula_by_hand(tiny_path):
     st.zero_grad()
     loss_t = loss_on(st, build_loss(teacher_target, st), teacher_target, batch)
     with torch.no_grad():
-        cos = 10.0 * F.normalize(t, dim=-1) @ F.normalize(teacher, dim=-1).T
-        rows = [-(cos[i, i] - torch.logsumexp(cos[i], 0)) for i in range(6)]
-        cols = [-(cos[i, i] - torch.logsumexp(cos[:, i], 0)) for i in range(6)]
-        by_hand_t = similarity_distill_loss(s, t, teacher) + 0.3 * (sum(rows) + sum(cols)) / 12
+        by_hand_t = similarity_distill_loss(s, t, teacher) + 0.3 * ranking_by_hand(t, teacher)
     assert loss_t.item() == pytest.approx(by_hand_t.item(), rel=1e-5)
     # weight 0: the distillation loss alone, as before
     plain = build_loss(OBJ.validate_python({"kind": "multilingual_distill", "loss": "similarity"}), st)

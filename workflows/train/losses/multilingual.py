@@ -41,6 +41,11 @@ class MultilingualDistillLoss(MSELoss):
         check_teacher_width(self.model, labels)
         return super().forward(sentence_features, labels)
 
+    def distill_from_embeddings(self, source: Tensor, translation: Tensor, labels: Tensor) -> Tensor:
+        """The same loss on embeddings already computed (B, D) each."""
+        check_teacher_width(self.model, labels)
+        return self.compute_loss_from_embeddings([source, translation], [labels, labels])
+
 
 def check_teacher_width(model: Any, labels: Tensor | None) -> None:
     """Name the objective's ``teacher`` field when the teacher's width differs from the student's."""
@@ -86,10 +91,14 @@ class SimilarityDistillLoss(MSELoss):
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> Tensor:
         from sentence_transformers.sentence_transformer.losses.embed_distill import embed_columns
 
+        source, translation = embed_columns(self.model, sentence_features)
+        return self.distill_from_embeddings(source, translation, labels)
+
+    def distill_from_embeddings(self, source: Tensor, translation: Tensor, labels: Tensor | None) -> Tensor:
+        """The same loss on embeddings already computed (B, D) each."""
         if labels is None or labels.dim() != 2:
             raise ValueError("multilingual_distill (loss: similarity) needs the teacher's source embeddings "
                              "(B, D) as labels")
-        source, translation = embed_columns(self.model, sentence_features)
         return similarity_distill_loss(source, translation, labels)
 
 
@@ -116,7 +125,7 @@ class TranslationRankingLoss(nn.Module):
     Inputs and labels are those of ``multilingual_distill``.
     """
 
-    def __init__(self, model: Any, distill: nn.Module, *, weight: float, scale: float = 20.0,
+    def __init__(self, model: Any, distill: MultilingualDistillLoss | SimilarityDistillLoss, *, weight: float, scale: float = 20.0,
                  target: str = "student", gather_across_workers: bool = True) -> None:
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
@@ -133,12 +142,6 @@ class TranslationRankingLoss(nn.Module):
         from sentence_transformers.sentence_transformer.losses.embed_distill import embed_columns
 
         source, translation = embed_columns(self.model, sentence_features)
-        if isinstance(self.distill, SimilarityDistillLoss):
-            if labels is None or labels.dim() != 2:
-                raise ValueError("multilingual_distill needs the teacher's source embeddings (B, D) as labels")
-            distill = similarity_distill_loss(source, translation, labels)
-        else:
-            check_teacher_width(self.model, labels)
-            distill = self.distill.compute_loss_from_embeddings([source, translation], [labels, labels])
+        distill = self.distill.distill_from_embeddings(source, translation, labels)
         docs = source if self.target == "student" else labels.to(translation.dtype)
         return distill + self.weight * self.ranking.compute_loss_from_embeddings([translation, docs], None)
