@@ -108,8 +108,9 @@ class TranslationRankingLoss(nn.Module):
 
         loss = distill(S(s), S(t); T(s)) + w * 1/2 * ( CE_i[ c * cos(t_i, s_j) ]_j  +  CE_i[ c * cos(s_i, t_j) ]_j )
 
-    The ranking term is the bidirectional in-batch InfoNCE of LaBSE-style dual encoders (Feng et al.
-    2022, "Language-agnostic BERT Sentence Embedding": translation ranking with in-batch negatives),
+    The ranking term is the bidirectional in-batch translation ranking of LaBSE (Feng et al. 2022,
+    "Language-agnostic BERT Sentence Embedding") without LaBSE's additive margin (the paper subtracts
+    m = 0.3 from the positive's cosine; sentence-transformers' loss has no margin, and none was tried),
     here ``MultipleNegativesRankingLoss(directions=("query_to_doc", "doc_to_query"), partition_mode=
     "per_direction")`` with the translation as query and its source as document, the batch gathered
     across workers. It is not part of Reimers & Gurevych 2020: the distillation terms say where a
